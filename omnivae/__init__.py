@@ -1,0 +1,1 @@
+"""omnivae: structured-latent VAEs on Omniglot."""
