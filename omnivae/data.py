@@ -1,0 +1,540 @@
+"""Omniglot: download, check, decode once into a cache, and sample batches by character.
+
+The data set (Lake, Salakhutdinov and Tenenbaum, "Human-level concept learning through
+probabilistic program induction", Science 2015) comes as zips of 105x105 1-bit PNGs laid out
+as `images_<set>/<Alphabet>/characterNN/<charid>_<drawer>.png`, ink black on white.
+
+A data folder holds either the zips or the extracted `images_<set>/` folders; it is only ever
+read, never written (except by `fetch` when it downloads a missing zip). Decoded arrays live in
+a separate cache folder as one `.npz` per (set, image size, source fingerprint).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import urllib.error
+import urllib.request
+import uuid
+import warnings
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+
+class DataError(Exception):
+    """One-line, user-facing error (the CLI prints it without traceback)."""
+
+
+class SetInfo(NamedTuple):
+    folder: str  # top folder inside the zip, and the zip's stem
+    alphabets: int
+    characters: int
+    images: int
+    md5: str  # of the upstream zip; checked only on download
+
+
+SETS = {
+    "background": SetInfo("images_background", 30, 964, 19280, "68d2efa1b9178cc56df9314c21c6e718"),
+    "evaluation": SetInfo("images_evaluation", 20, 659, 13180, "6b91aef0f799c5bb55b94e3f2daec811"),
+    "background_small1": SetInfo("images_background_small1", 5, 136, 2720, "e704a628b5459e08445c13499850abc4"),
+    "background_small2": SetInfo("images_background_small2", 5, 156, 3120, "b75a71a51d3b13f821f212756fe481fd"),
+}
+SIZES = (28, 32, 64, 105)
+SOURCE_SIZE = 105  # every upstream image is 105x105
+URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/{folder}.zip"
+
+_CACHE_VERSION = 1  # bump when decoding changes, so old cache files are not reused
+_MEMBER = re.compile(r"^(?P<top>[^/]+)/(?P<alphabet>[^/]+)/character\d+/(?P<charid>\d{4})_(?P<drawer>\d{2})\.png$")
+_INVERT = [255 - v for v in range(256)]  # lookup table: ink 0 -> 255
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders
+
+
+def _user_cache_root() -> Path:
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg) if xdg else Path.home() / ".cache"
+
+
+def default_data_dir() -> Path:
+    """Where the Omniglot zips live: $OMNIVAE_DATA_DIR, else <user cache>/omnivae/data."""
+    env = os.environ.get("OMNIVAE_DATA_DIR")
+    return Path(env).expanduser() if env else _user_cache_root() / "omnivae" / "data"
+
+
+def default_cache_dir() -> Path:
+    """Where decoded arrays live: $OMNIVAE_CACHE_DIR, else <user cache>/omnivae/arrays.
+
+    Kept apart from the data folder, which may be read-only or shared.
+    """
+    env = os.environ.get("OMNIVAE_CACHE_DIR")
+    return Path(env).expanduser() if env else _user_cache_root() / "omnivae" / "arrays"
+
+
+def _check_set_name(name: str) -> SetInfo:
+    if name not in SETS:
+        raise DataError(f"unknown Omniglot set {name!r}; choose one of {', '.join(SETS)}")
+    return SETS[name]
+
+
+def _find_source(data_dir: Path, info: SetInfo) -> Path | None:
+    """The zip or the extracted folder of one set in data_dir, or None."""
+    zip_path = data_dir / f"{info.folder}.zip"
+    if zip_path.is_file():
+        return zip_path
+    folder = data_dir / info.folder
+    if folder.is_dir():
+        return folder
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Download
+
+
+def _temp_path(target: Path) -> Path:
+    """A fresh hidden name beside target; created with open(..., "xb") so the umask applies."""
+    return target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _download(url: str, target: Path, md5: str, progress: bool) -> None:
+    """Download url to target through a temporary file beside it; keep it only if the MD5 matches."""
+    tmp = _temp_path(target)
+    try:
+        out = open(tmp, "xb")
+    except OSError as err:
+        raise DataError(f"cannot write to {target.parent} ({err.strerror}); is the data folder writable?") from err
+    try:
+        with out, urllib.request.urlopen(url, timeout=60) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {target.name}",
+                      disable=not progress) as bar:
+                for block in iter(lambda: response.read(1 << 16), b""):
+                    out.write(block)
+                    bar.update(len(block))
+        found = _md5(tmp)
+        if found != md5:
+            raise DataError(f"download of {url} is corrupt: MD5 {found}, expected {md5}; try again")
+        os.replace(tmp, target)
+    except (urllib.error.URLError, OSError) as err:
+        raise DataError(f"could not download {url} ({err}); copy {target.name} into {target.parent} by hand") from err
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def fetch(data_dir: str | Path | None = None, sets=("background", "evaluation"), progress: bool = True) -> Path:
+    """Make sure each named set is in data_dir, downloading the upstream zip if it is missing.
+
+    A zip or extracted folder already in data_dir is used as it is (its content is checked
+    when loaded); only downloads are checked against the upstream MD5. Returns data_dir.
+    """
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    if isinstance(sets, str):
+        sets = (sets,)
+    for name in sets:
+        info = _check_set_name(name)
+        if _find_source(data_dir, info) is not None:
+            continue
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DataError(f"cannot create data folder {data_dir} ({err.strerror})") from err
+        _download(URL.format(folder=info.folder), data_dir / f"{info.folder}.zip", info.md5, progress)
+    return data_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a source (zip or extracted folder) without ever touching paths outside it
+
+
+def _is_unsafe(name: str) -> bool:
+    parts = re.split(r"[\\/]", name)
+    return name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) is not None or ".." in parts
+
+
+def _is_litter(name: str) -> bool:
+    # Folders zipped or copied on macOS carry these; they are not images.
+    return any(part == "__MACOSX" or part.startswith(".") for part in name.split("/"))
+
+
+class _Source:
+    """Member names (relative, '/'-separated, starting with the set folder) and their bytes."""
+
+    def __init__(self, path: Path, info: SetInfo):
+        self.path, self.info = path, info
+        self.zip: zipfile.ZipFile | None = None
+
+    def __enter__(self) -> "_Source":
+        if self.path.is_file():
+            try:
+                self.zip = zipfile.ZipFile(self.path)
+            except (zipfile.BadZipFile, OSError, EOFError) as err:
+                raise DataError(f"{self.path} is not a readable zip ({err}); delete it and fetch again") from err
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.zip is not None:
+            self.zip.close()
+
+    def names(self) -> list[str]:
+        if self.zip is not None:
+            return [i.filename for i in self.zip.infolist() if not i.is_dir()]
+        root = self.path.resolve()
+        names = []
+        for folder, _, files in os.walk(self.path):
+            for file in files:
+                full = Path(folder) / file
+                if not full.resolve().is_relative_to(root):  # a symlink pointing elsewhere
+                    raise DataError(f"{full} points outside {self.path}; refusing to read it")
+                names.append(f"{self.info.folder}/{full.relative_to(self.path).as_posix()}")
+        return names
+
+    def read(self, name: str) -> bytes:
+        try:
+            if self.zip is not None:
+                return self.zip.read(name)
+            return (self.path.parent / name).read_bytes()
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as err:
+            raise DataError(f"cannot read {name} from {self.path} ({err})") from err
+
+
+def _fingerprint(path: Path) -> str:
+    """A short hash that changes when the source changes (zip: size and mtime; folder: its files)."""
+    digest = hashlib.sha1(f"v{_CACHE_VERSION}".encode())
+    if path.is_file():
+        st = path.stat()
+        digest.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    else:
+        entries = []
+        for folder, _, files in os.walk(path):
+            for file in files:
+                st = os.stat(os.path.join(folder, file))
+                entries.append(f"{os.path.relpath(os.path.join(folder, file), path)}:{st.st_size}:{st.st_mtime_ns}")
+        digest.update("\n".join(sorted(entries)).encode())
+    return digest.hexdigest()[:12]
+
+
+class _Member(NamedTuple):
+    name: str
+    alphabet: str
+    character: int
+    drawer: int
+
+
+def _parse_members(names: list[str], source: Path, info: SetInfo) -> list[_Member]:
+    """Check every member name and parse its labels; sorted by (character, drawer)."""
+    members = []
+    where: dict[int, tuple[str, str]] = {}  # charid -> its folder, to catch one id in two places
+    seen: set[tuple[int, int]] = set()
+    for name in names:
+        if _is_unsafe(name):
+            raise DataError(f"{source} holds an unsafe member name {name!r} (absolute or '..'); refusing to use it")
+        if _is_litter(name):
+            continue
+        match = _MEMBER.match(name)
+        if match is None:
+            raise DataError(f"unexpected member {name!r} in {source}: expected "
+                            f"{info.folder}/<Alphabet>/characterNN/<charid>_<drawer>.png")
+        if match["top"] != info.folder:
+            raise DataError(f"member {name!r} in {source} is not under {info.folder}/")
+        character, drawer = int(match["charid"]), int(match["drawer"])
+        if not (1 <= character and 1 <= drawer <= 20):
+            raise DataError(f"member {name!r} in {source}: character id must be >= 1 and drawer 01..20")
+        folder = name.rsplit("/", 1)[0]
+        if where.setdefault(character, (folder, name))[0] != folder:
+            raise DataError(f"character {character:04d} appears in two folders of {source}: "
+                            f"{where[character][1]!r} and {name!r}")
+        if (character, drawer) in seen:
+            raise DataError(f"duplicate image {name!r} in {source}")
+        seen.add((character, drawer))
+        members.append(_Member(name, match["alphabet"], character, drawer))
+    if not members:
+        raise DataError(f"no images found in {source}")
+    members.sort(key=lambda m: (m.character, m.drawer))
+    return members
+
+
+def _check_counts(source: Path, info: SetInfo, alphabets: int, characters: int, images: int) -> None:
+    expected = (info.alphabets, info.characters, info.images)
+    found = (alphabets, characters, images)
+    if found != expected:
+        raise DataError(f"{source} is incomplete or not the Omniglot {info.folder} set: expected "
+                        f"{expected[0]} alphabets, {expected[1]} characters, {expected[2]} images; "
+                        f"found {found[0]} alphabets, {found[1]} characters, {found[2]} images")
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding: the one function that turns an upstream PNG into training pixels
+
+
+def _decode(image: Image.Image, size: int, name: str) -> np.ndarray:
+    """An opened upstream image -> (size, size) uint8, ink = 255, box-filtered."""
+    if image.size != (SOURCE_SIZE, SOURCE_SIZE):  # checked on the header, before decoding pixels
+        raise DataError(f"{name} is {image.size[0]}x{image.size[1]}, expected {SOURCE_SIZE}x{SOURCE_SIZE}")
+    try:
+        gray = image.convert("L").point(_INVERT)  # 1-bit -> 0/255, then ink = 255
+    except (OSError, ValueError, SyntaxError) as err:
+        raise DataError(f"{name} is not a readable PNG ({err})") from err
+    if size != SOURCE_SIZE:
+        # The box filter averages ink over each output pixel's footprint, so stroke area is kept.
+        gray = gray.resize((size, size), Image.BOX)
+    return np.array(gray, dtype=np.uint8)  # a writable copy (PIL gives a read-only view)
+
+
+def _decode_bytes(data: bytes, size: int, name: str) -> np.ndarray:
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise DataError(f"{name} is not a readable PNG ({err})") from err
+    return _decode(image, size, name)
+
+
+def _check_size(size: int) -> None:
+    if size not in SIZES:
+        raise DataError(f"image size {size} is not supported; choose one of {', '.join(map(str, SIZES))}")
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    # Shared by prepare() and Omniglot.tensors() so both give bit-identical floats.
+    return torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).div_(255.0)
+
+
+def prepare(image, size: int = 28) -> torch.Tensor:
+    """One upstream 105x105 PNG (a path or a PIL image) -> (1, size, size) float32 in [0, 1], ink = 1.
+
+    Uses the same decoder as the cache, so the result equals the matching row of
+    `load_set(..., size=size).tensors()` exactly.
+    """
+    _check_size(size)
+    if isinstance(image, Image.Image):
+        return _to_tensor(_decode(image, size, "image"))[None]  # (1, S, S)
+    path = Path(image)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"cannot read {path} ({err.strerror})") from err
+    return _to_tensor(_decode_bytes(data, size, str(path)))[None]  # (1, S, S)
+
+
+# ---------------------------------------------------------------------------------------------
+# The data set
+
+
+@dataclass
+class Omniglot:
+    """Decoded Omniglot images with their labels; rows sorted by (character, drawer)."""
+
+    images: np.ndarray  # (N, S, S) uint8, ink = 255
+    character: np.ndarray  # (N,) int16, the global character id 1..1623
+    drawer: np.ndarray  # (N,) int8, who drew it, 1..20
+    alphabet: np.ndarray  # (N,) int16, index into alphabet_names
+    alphabet_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, mask_or_index) -> "Omniglot":
+        """The rows picked by a boolean mask or an index array (labels and names kept)."""
+        index = np.asarray(mask_or_index)
+        return Omniglot(self.images[index], self.character[index], self.drawer[index],
+                        self.alphabet[index], list(self.alphabet_names))
+
+    def tensors(self) -> torch.Tensor:
+        """Images as (N, 1, S, S) float32 in [0, 1], ink = 1."""
+        return _to_tensor(self.images)[:, None]  # (N, 1, S, S)
+
+
+def _decode_set(source: Path, info: SetInfo, size: int, check_counts: bool, progress: bool) -> Omniglot:
+    with _Source(source, info) as reader:
+        members = _parse_members(reader.names(), source, info)
+        alphabet_names = sorted({m.alphabet for m in members})
+        if check_counts:  # fail on names before spending time on pixels
+            _check_counts(source, info, len(alphabet_names), len({m.character for m in members}), len(members))
+        images = np.empty((len(members), size, size), dtype=np.uint8)  # (N, S, S)
+        desc = f"decoding {info.folder} at {size}px"
+        for row, member in enumerate(tqdm(members, desc=desc, unit="img", disable=not progress)):
+            images[row] = _decode_bytes(reader.read(member.name), size, member.name)
+    index = {name: i for i, name in enumerate(alphabet_names)}
+    return Omniglot(
+        images=images,
+        character=np.array([m.character for m in members], dtype=np.int16),
+        drawer=np.array([m.drawer for m in members], dtype=np.int8),
+        alphabet=np.array([index[m.alphabet] for m in members], dtype=np.int16),
+        alphabet_names=alphabet_names,
+    )
+
+
+def _read_cache(path: Path) -> Omniglot | None:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return Omniglot(f["images"], f["character"], f["drawer"], f["alphabet"],
+                            [str(n) for n in f["alphabet_names"]])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+        return None  # unreadable cache: decode again and overwrite it
+
+
+def _write_cache(path: Path, data: Omniglot) -> None:
+    """Write the arrays to path atomically: a temporary file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, "xb") as f:
+            np.savez(f, images=data.images, character=data.character, drawer=data.drawer,
+                     alphabet=data.alphabet, alphabet_names=np.array(data.alphabet_names, dtype=str))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_set(name: str = "background", size: int = 28, data_dir: str | Path | None = None,
+             cache_dir: str | Path | None = None, progress: bool = True, check_counts: bool = True) -> Omniglot:
+    """Load one Omniglot set at size x size pixels, decoding it on first use and caching the arrays.
+
+    name is a key of SETS; size one of SIZES. Missing data is fetched. The cache file name holds
+    the set, the size and a fingerprint of the source, so a changed zip is decoded again.
+    check_counts=False skips the alphabet/character/image count check (for small test sets).
+    Any problem with the data raises DataError and leaves the cache as it was.
+    """
+    info = _check_set_name(name)
+    _check_size(size)
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+
+    source = _find_source(data_dir, info)
+    if source is None:
+        fetch(data_dir, sets=(name,), progress=progress)
+        source = _find_source(data_dir, info)
+    prefix = f"omniglot_{name}_{size}_"
+    cache_path = cache_dir / f"{prefix}{_fingerprint(source)}.npz"
+
+    data = _read_cache(cache_path)
+    if data is None:
+        data = _decode_set(source, info, size, check_counts, progress)
+        try:
+            _write_cache(cache_path, data)
+        except OSError as err:
+            warnings.warn(f"could not cache decoded images in {cache_dir} ({err}); "
+                          "set OMNIVAE_CACHE_DIR to a writable folder to avoid decoding every time")
+        else:
+            for stale in cache_dir.glob(f"{prefix}*.npz"):  # older decodes of a source that changed
+                if stale != cache_path:
+                    stale.unlink(missing_ok=True)
+    elif check_counts:  # a cache written with check_counts=False may hold a partial set
+        _check_counts(source, info, len(data.alphabet_names), len(np.unique(data.character)), len(data))
+    return data
+
+
+def split_by_drawer(data: Omniglot, val_drawers=(19, 20)) -> tuple[Omniglot, Omniglot]:
+    """Split into (train, validation): the same characters, with the drawings of val_drawers held out."""
+    held_out = np.isin(data.drawer, np.asarray(val_drawers, dtype=np.int64))
+    train, validation = data.subset(~held_out), data.subset(held_out)
+    if len(train) == 0 or (len(val_drawers) > 0 and len(validation) == 0):
+        raise DataError(f"splitting by drawers {tuple(val_drawers)} leaves {len(train)} training and "
+                        f"{len(validation)} validation images; pick drawers present in the data (1..20)")
+    return train, validation
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches grouped by character
+
+
+class GroupBatchSampler(torch.utils.data.Sampler):
+    """Batches of `groups` distinct characters x `per_group` distinct drawings of each.
+
+    Indices come group-major: batch[g * per_group:(g + 1) * per_group] are drawings of one
+    character. Each epoch every character's drawings are shuffled and cut into chunks of
+    per_group; the chunks are dealt into batches so that no batch repeats a character, which
+    uses each drawing at most once and nearly all of them once per epoch. Characters with
+    fewer than per_group drawings are skipped. The order depends only on (seed, epoch): call
+    set_epoch(epoch) before each epoch, as with DistributedSampler.
+    """
+
+    def __init__(self, character: np.ndarray, groups: int, per_group: int, seed: int = 0, drop_last: bool = True):
+        super().__init__()
+        if groups < 1 or per_group < 1:
+            raise DataError(f"groups and per_group must be >= 1, got {groups} and {per_group}")
+        self.groups, self.per_group, self.seed, self.drop_last = groups, per_group, seed, drop_last
+        self.epoch = 0
+        character = np.asarray(character)
+        ids, inverse = np.unique(character, return_inverse=True)
+        order = np.argsort(inverse, kind="stable")
+        splits = np.cumsum(np.bincount(inverse, minlength=len(ids)))[:-1]
+        # One index array per character that has enough drawings.
+        self.members = [m for m in np.split(order, splits) if len(m) >= per_group]
+        if len(self.members) < groups:
+            raise DataError(f"need at least {groups} characters with >= {per_group} drawings each, "
+                            f"found {len(self.members)}")
+        self.chunks, self.full_batches = self._plan()
+
+    def _plan(self) -> tuple[np.ndarray, int]:
+        """Chunks per character and number of full batches; depends only on the counts."""
+        chunks = np.array([len(m) // self.per_group for m in self.members])
+        while True:  # a character cannot fill more chunks than there are batches (no repeats)
+            batches = int(chunks.sum()) // self.groups
+            capped = np.minimum(chunks, batches)
+            if (capped == chunks).all():
+                return chunks, batches
+            chunks = capped
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pick the epoch whose order the next iteration yields."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        leftover = int(self.chunks.sum()) - self.full_batches * self.groups
+        return self.full_batches + (0 if self.drop_last or leftover == 0 else 1)
+
+    def _largest(self, remaining: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+        # Characters with the most chunks left, ties broken at random.
+        key = remaining + rng.random(len(remaining))
+        return np.argsort(-key, kind="stable")[:count]
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        drawings = [rng.permutation(m) for m in self.members]
+        remaining = self.chunks.copy()
+        used = np.zeros_like(remaining)
+        leftover = int(remaining.sum()) - self.full_batches * self.groups
+        # Set the extra chunks aside first, so that the full batches total exactly
+        # full_batches * groups chunks with at most full_batches per character: then taking
+        # the characters with the most chunks left never runs short of distinct characters.
+        extra = np.zeros_like(remaining)
+        for _ in range(leftover):
+            c = self._largest(remaining, 1, rng)[0]
+            remaining[c] -= 1
+            extra[c] += 1
+        for _ in range(self.full_batches):
+            picked = rng.permutation(self._largest(remaining, self.groups, rng))
+            remaining[picked] -= 1
+            yield self._batch(picked, drawings, used)
+        if not self.drop_last and leftover:
+            picked = rng.permutation(np.flatnonzero(extra))  # distinct characters only
+            yield self._batch(picked, drawings, used)
+
+    def _batch(self, picked: np.ndarray, drawings: list[np.ndarray], used: np.ndarray) -> list[int]:
+        batch = []
+        for c in picked:
+            start = used[c] * self.per_group
+            batch.extend(drawings[c][start:start + self.per_group].tolist())
+            used[c] += 1
+        return batch

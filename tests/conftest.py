@@ -1,0 +1,18 @@
+"""Shared pytest fixtures."""
+import pytest
+
+from fixtures import make_tiny_omniglot
+
+
+@pytest.fixture
+def tiny_data_dir(tmp_path):
+    """A data folder holding a tiny background zip: 2 alphabets x 3 characters x 4 drawers."""
+    data_dir = tmp_path / "data"
+    make_tiny_omniglot(data_dir)
+    return data_dir
+
+
+@pytest.fixture
+def tiny_cache_dir(tmp_path):
+    """An empty folder for decoded arrays."""
+    return tmp_path / "cache"
