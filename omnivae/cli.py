@@ -1,0 +1,221 @@
+"""The `omnivae` command line: every sub-command is a thin wrapper around a Python function."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import PRESETS, Config, ConfigError
+
+EPILOG = """examples:
+  omnivae run --preset default --out runs/default        # data, training, evaluation, report
+  omnivae train --preset quick --out runs/quick --set epochs=1 --set content_dim=16
+  omnivae evaluate runs/quick --subset 2000 --nll-k 100
+  omnivae sample runs/quick --n 64 --out samples.png
+  omnivae swap runs/quick --content a.png b.png --style c.png d.png --out swap.png
+"""
+
+
+def _data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", type=Path, help="folder with the Omniglot zips or their extracted folders "
+                   "(default: $OMNIVAE_DATA_DIR, else a cache folder; downloaded when missing)")
+    p.add_argument("--cache-dir", type=Path, help="folder for decoded arrays and cached helpers "
+                   "(default: $OMNIVAE_CACHE_DIR, else ~/.cache/omnivae/arrays)")
+
+
+def _eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--subset", type=int, help="evaluate on this many test images (fixed random choice) for a quick look")
+    p.add_argument("--nll-k", type=int, default=1000, help="importance samples per image for the likelihood; 0 skips it (default 1000)")
+    p.add_argument("--nll-images", type=int, default=1000, help="test images used for the likelihood, 0 = all (default 1000)")
+    p.add_argument("--episodes", type=int, default=1000, help="few-shot episodes per test (default 1000)")
+    p.add_argument("--no-figures", action="store_true", help="skip the figures")
+
+
+def _train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="default", choices=sorted(PRESETS), help="named configuration (default: default)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config field, e.g. --set epochs=5 (repeatable; see `omnivae config`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="omnivae",
+        description="Variational autoencoders with a content/style latent space on Omniglot.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("fetch", help="download (or find) the Omniglot zips and decode them")
+    _data_options(p)
+    p.add_argument("--size", type=int, default=28, help="also decode and cache this image size (default 28)")
+
+    p = sub.add_parser("config", help="print a preset's full config as JSON (with --set overrides)")
+    _train_options(p)
+
+    p = sub.add_parser("train", help="train a model into a run folder")
+    _train_options(p)
+    p.add_argument("--out", type=Path, help="run folder to create (config.json, weights, log.jsonl)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run from its last epoch")
+    _data_options(p)
+
+    p = sub.add_parser("evaluate", help="metrics on the evaluation set -> RUN_DIR/metrics.json and figures")
+    p.add_argument("run_dir", type=Path)
+    _eval_options(p)
+    _data_options(p)
+
+    p = sub.add_parser("run", help="the main job: data, training, evaluation, report")
+    _train_options(p)
+    p.add_argument("--out", type=Path, required=True, help="run folder to create")
+    _eval_options(p)
+    _data_options(p)
+
+    p = sub.add_parser("sample", help="new characters in new styles, drawn from the prior")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--n", type=int, default=64, help="how many drawings (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0, help="scale of the prior samples (default 1)")
+    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
+
+    p = sub.add_parser("swap", help="grid: one row per content image, one column per style image")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--content", type=Path, nargs="+", required=True, help="Omniglot PNGs whose characters to draw")
+    p.add_argument("--style", type=Path, nargs="+", required=True, help="Omniglot PNGs whose hands to draw in")
+    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
+
+    p = sub.add_parser("one-shot", help="new drawings of a character from a single drawing of it")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("image", type=Path, help="one Omniglot PNG (for example from the evaluation set)")
+    p.add_argument("--n", type=int, default=16, help="how many drawings (default 16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
+
+    p = sub.add_parser("interpolate", help="walk between two drawings in content or in style")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("first", type=Path)
+    p.add_argument("second", type=Path)
+    p.add_argument("--part", choices=("content", "style", "both"), default="content")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
+
+    p = sub.add_parser("report", help="write RUN_DIR/report.html: config, metrics, figures, one page")
+    p.add_argument("run_dir", type=Path)
+
+    p = sub.add_parser("compare", help="a table of several runs' metrics")
+    p.add_argument("run_dirs", type=Path, nargs="+")
+    p.add_argument("--format", choices=("table", "markdown", "csv"), default="table")
+    p.add_argument("--html", type=Path, help="also write a comparison page here")
+    return parser
+
+
+def _load_images(paths, size: int):
+    import torch
+
+    from .data import prepare
+
+    return torch.stack([prepare(p, size) for p in paths])  # (N, 1, S, S)
+
+
+def run(args: argparse.Namespace) -> None:
+    progress = not args.quiet
+    if args.command == "fetch":
+        from .data import fetch, load_set
+
+        folder = fetch(args.data_dir, progress=progress)
+        for name in ("background", "evaluation"):
+            found = load_set(name, args.size, folder, args.cache_dir, progress=progress)
+            print(f"{name}: {len(found)} images, {len(set(found.character.tolist()))} characters, "
+                  f"{len(found.alphabet_names)} alphabets")
+        return
+    if args.command == "config":
+        import json
+
+        from .config import make_config
+
+        print(json.dumps(make_config(args.preset, args.overrides).to_dict(), indent=2))
+        return
+    if args.command in ("train", "run"):
+        from .config import make_config
+        from .train import train
+
+        if args.command == "train" and args.resume:
+            train(Config(), args.resume, args.data_dir, args.cache_dir, resume=True, progress=progress)
+            return
+        if args.out is None:
+            raise ConfigError("train needs --out RUN_DIR (or --resume RUN_DIR)")
+        train(make_config(args.preset, args.overrides), args.out, args.data_dir, args.cache_dir, progress=progress)
+        if args.command == "train":
+            print(f"trained: {args.out}")
+            return
+    if args.command in ("evaluate", "run"):
+        from .evaluate import evaluate
+
+        run_dir = args.run_dir if args.command == "evaluate" else args.out
+        results = evaluate(run_dir, args.data_dir, args.cache_dir, subset=args.subset, nll_k=args.nll_k,
+                           nll_images=args.nll_images, episodes=args.episodes, figures=not args.no_figures,
+                           progress=progress)
+        _print_metrics(results)
+        if args.command == "evaluate":
+            print(f"wrote {run_dir / 'metrics.json'}")
+            return
+    if args.command in ("report", "run"):
+        from .report import write_report
+
+        run_dir = args.run_dir if args.command == "report" else args.out
+        print(f"wrote {write_report(run_dir)}")
+        return
+    if args.command == "compare":
+        from .report import compare, write_compare_page
+
+        print(compare(args.run_dirs, args.format))
+        if args.html:
+            print(f"wrote {write_compare_page(args.run_dirs, args.html)}")
+        return
+
+    # Generation commands.
+    from . import generate, plots
+    from .train import load
+
+    model = load(args.run_dir)
+    if args.command == "sample":
+        images = generate.sample(model, args.n, args.seed, args.temperature)
+        plots.image_grid(images, args.out)
+    elif args.command == "swap":
+        content = _load_images(args.content, model.image_size)
+        style = _load_images(args.style, model.image_size)
+        plots.swap_grid(content, style, generate.swap(model, content, style), args.out)
+    elif args.command == "one-shot":
+        image = _load_images([args.image], model.image_size)
+        plots.image_grid(generate.one_shot(model, image[0], args.n, args.seed), args.out)
+    elif args.command == "interpolate":
+        first, second = _load_images([args.first, args.second], model.image_size)
+        plots.interpolation_grid(generate.interpolate(model, first, second, args.steps, args.part)[None], args.out,
+                                 row_labels=[args.part])
+    print(f"wrote {args.out}")
+
+
+def _print_metrics(results: dict) -> None:
+    for key, value in results.items():
+        if isinstance(value, float):
+            print(f"  {key:32s} {value:.4f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .data import DataError
+
+    try:
+        run(args)
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        # Bad input: one line, no traceback.
+        print(f"omnivae: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("omnivae: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""One typed config per run, named presets, and `key=value` overrides."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A bad preset name, key or value: the CLI prints the message alone."""
+
+
+@dataclass
+class Config:
+    # --- data
+    image_size: int = 28  # images are resized (box filter) to this side: 28, 32, 64 or 105
+    val_drawers: tuple = (19, 20)  # background-set drawers held out for validation
+    # --- model
+    content_dim: int = 32  # size of the content code (which character)
+    style_dim: int = 16  # size of the style code (how it was drawn)
+    channels: int = 32  # width of the first conv layer; doubles at each downsampling
+    hidden: int = 256  # width of the fully connected layer between conv stack and heads
+    # --- batches: G characters x M drawings when group_size > 1, else plain shuffled batches
+    batch_size: int = 128  # images per batch when group_size == 1
+    groups: int = 32  # characters per batch (G) when group_size > 1
+    group_size: int = 1  # drawings per character (M); 1 turns grouping off
+    grouping: str = "product"  # how a group's content posteriors combine: product | average
+    # --- regularisers toward N(0, I), per latent part
+    content_regularizer: str = "mmd"  # kl | mmd | adversarial | none
+    style_regularizer: str = "mmd"  # kl | mmd | adversarial | none
+    content_weight: float = 1.0  # weight of the content regulariser
+    style_weight: float = 1.0  # weight of the style regulariser
+    mmd_kernel: str = "imq"  # imq (multi-scale inverse multiquadric) | rbf
+    match_codes: str = "mean"  # codes matched to the prior: mean (posterior means, aggregate) | sample (sampled codes: the seed design, collapses under MMD)
+    sample_kl: float = 0.0  # weight of a per-sample KL beside the MMD, per unit of MMD weight
+    # --- structure
+    contrastive_weight: float = 0.0  # supervised contrastive term on content means; 0 turns it off
+    temperature: float = 0.1  # temperature of the contrastive term
+    style_adversary_weight: float = 0.0  # gradient-reversal character classifier on the style code
+    cross_weight: float = 0.0  # cross-reconstruction: content of one drawing, style of another of the same character
+    # --- adversarial regulariser (adversarial autoencoder)
+    disc_hidden: int = 256  # width of the discriminator's hidden layers
+    disc_lr: float = 2e-4  # learning rate of the discriminator
+    disc_steps: int = 1  # discriminator updates per model update
+    disc_label_smoothing: float = 0.1  # one-sided label smoothing of the "prior" target
+    disc_grad_penalty: float = 1.0  # R1 gradient penalty on prior codes
+    # --- optimisation
+    epochs: int = 20  # passes over the training images
+    lr: float = 1e-3  # Adam learning rate
+    lr_min_ratio: float = 0.1  # cosine schedule ends at lr * this
+    warmup_epochs: float = 0.0  # linear warm-up of the regulariser weights, in epochs
+    seed: int = 0  # seeds Python, NumPy and torch
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    # --- evaluation
+    eval_seed: int = 0  # seed of every random choice in evaluation
+    tsne_characters: int = 20  # characters in the labelled t-SNE plot
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Config":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+        cfg = cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def load(cls, path: Path) -> "Config":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def validate(self) -> None:
+        choices = {
+            "content_regularizer": ("kl", "mmd", "adversarial", "none"),
+            "style_regularizer": ("kl", "mmd", "adversarial", "none"),
+            "mmd_kernel": ("imq", "rbf"),
+            "match_codes": ("mean", "sample"),
+            "grouping": ("product", "average"),
+            "image_size": (28, 32, 64, 105),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}, got {getattr(self, key)!r}")
+        for key in ("content_dim", "style_dim", "channels", "hidden", "batch_size", "groups", "group_size", "epochs"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.group_size == 1 and (self.cross_weight > 0):
+            raise ConfigError("cross_weight needs group_size > 1 (pairs of drawings of one character)")
+
+
+def _coerce(cls, key: str, value):
+    """Turn a JSON or command-line value into the field's declared type, or raise ConfigError."""
+    kind = typing.get_type_hints(cls)[key]
+    try:
+        if kind is tuple:
+            if isinstance(value, str):
+                value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+            return tuple(int(v) for v in value)
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1")
+            return bool(value)
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if kind is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} expects {kind.__name__}, got {value!r}") from None
+
+
+# Presets are named configs, nothing else: every difference is a field value.
+PRESETS: dict[str, dict] = {
+    # Smoke test: a few minutes end to end on 2 CPU cores.
+    "quick": dict(epochs=2, channels=16, hidden=128, group_size=4, groups=16, contrastive_weight=1.0),
+    # The seed document's design: two heads, concatenated, MMD, no grouping, no labels.
+    "seed": dict(content_regularizer="mmd", style_regularizer="mmd", group_size=1, epochs=10),
+    # The best configuration so far; what the README's main command trains.
+    "default": dict(group_size=4, groups=32, contrastive_weight=1.0, epochs=20),
+    # More compute buys more: for a GPU or a long CPU run.
+    "large": dict(group_size=4, groups=64, contrastive_weight=1.0, channels=64, hidden=512, epochs=60),
+}
+
+
+def make_config(preset: str = "default", overrides: list[str] | dict | None = None) -> Config:
+    """The preset's config with `key=value` overrides (strings from the CLI, or a dict) applied."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values = dict(PRESETS[preset])
+    if isinstance(overrides, dict):
+        values.update(overrides)
+    else:
+        for item in overrides or []:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"override {item!r} is not key=value")
+            values[key.strip()] = value.strip()
+    return Config.from_dict(values)

@@ -1,0 +1,221 @@
+"""`omnivae evaluate`: every metric on the evaluation set (unseen alphabets), figures, metrics.json."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import data as omni_data
+from . import generate, metrics, plots
+from .config import Config
+from .train import load, resolve_device
+
+TSNE_POINTS = 4000  # drawings in the by-alphabet t-SNE maps
+SPLIT = "test: evaluation set (20 unseen alphabets, 659 characters); swap consistency: background set, held-out drawers"
+
+
+@torch.no_grad()
+def encode_all(model, images: torch.Tensor, batch: int = 1024) -> dict[str, np.ndarray]:
+    """Posterior means and log-variances of every image, as float64 arrays."""
+    parts = {k: [] for k in ("content_mean", "content_logvar", "style_mean", "style_logvar")}
+    for i in range(0, len(images), batch):
+        q = model.posterior(images[i : i + batch].to(model.device))
+        for k in parts:
+            parts[k].append(getattr(q, k).double().cpu())
+    return {k: torch.cat(v).numpy() for k, v in parts.items()}
+
+
+def _atomic_json(path: Path, values: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(values, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def pixel_baseline(test: omni_data.Omniglot, seed: int, cache_dir, episodes: int) -> dict:
+    """The raw-pixel numbers (k-means, NMI, 20-way 1-shot), cached per set size and seed since
+    they do not depend on the model."""
+    cache_dir = Path(cache_dir or omni_data.default_cache_dir())
+    key = f"pixels_{test.images.shape[1]}_{len(test)}_{int(test.character.sum())}_{seed}_{episodes}.json"
+    path = cache_dir / key
+    if path.exists():
+        return json.loads(path.read_text())
+    pixels = test.images.reshape(len(test), -1).astype(np.float64) / 255.0
+    clusters = metrics.kmeans_scores(pixels, test.character, seed=seed)
+    result = {
+        "pixel_kmeans_accuracy": clusters["accuracy"],
+        "pixel_nmi": clusters["nmi"],
+        "pixel_20way_1shot": metrics.few_shot_accuracy(pixels, test.character, test.alphabet, test.drawer, 20, episodes, seed),
+    }
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_json(path, result)
+    except OSError:
+        pass  # a read-only cache only costs recomputation
+    return result
+
+
+def judge(cfg: Config, background: omni_data.Omniglot, cache_dir, device, progress: bool):
+    """The character classifier that judges swaps, trained once on the background set's training
+    drawers and cached by image size and seed (weights only, safetensors)."""
+    train_set, _ = omni_data.split_by_drawer(background, cfg.val_drawers)
+    classes = int(len(np.unique(train_set.character)))
+    cache_dir = Path(cache_dir or omni_data.default_cache_dir())
+    path = cache_dir / f"judge_{cfg.image_size}_{classes}_{cfg.eval_seed}_{'-'.join(map(str, cfg.val_drawers))}.safetensors"
+    if path.exists():
+        classifier = metrics.CharacterClassifier(classes).to(device)
+        classifier.load_state_dict(load_file(str(path), device=str(device)))
+        return classifier.eval()
+    _, index = np.unique(train_set.character, return_inverse=True)
+    classifier = metrics.train_classifier(train_set.tensors(), index, seed=cfg.eval_seed, device=device, progress=progress)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.cpu().contiguous() for k, v in classifier.state_dict().items()}, str(tmp))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return classifier.eval()
+
+
+def evaluate(
+    run_dir,
+    data_dir=None,
+    cache_dir=None,
+    subset: int | None = None,
+    nll_k: int = 1000,
+    nll_images: int = 1000,
+    episodes: int = 1000,
+    swap_pairs: int = 2000,
+    figures: bool = True,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """Evaluate a trained run on the evaluation set; writes RUN_DIR/metrics.json and figures.
+
+    subset: evaluate on that many test images (a fixed random choice) for a quick look.
+    nll_k: importance samples per image for the likelihood (0 skips it); nll_images: how many
+    test images it uses (a fixed subset; 0 means all).
+    """
+    started = time.time()
+    run_dir = Path(run_dir)
+    cfg = Config.load(run_dir / "config.json")
+    model = load(run_dir, str(resolve_device(device)))
+    seed = cfg.eval_seed
+    test = omni_data.load_set("evaluation", cfg.image_size, data_dir, cache_dir, progress=progress)
+    if subset and subset < len(test):
+        test = test.subset(np.sort(np.random.default_rng(seed).choice(len(test), subset, replace=False)))
+    images = test.tensors()  # (N, 1, S, S)
+    step = tqdm(total=7, desc="evaluate", disable=not progress)
+
+    def done(what: str) -> None:
+        step.set_postfix_str(what)
+        step.update()
+
+    codes = encode_all(model, images)
+    results = {"split": SPLIT, "test_images": len(test)}
+    results.update(metrics.per_image_kl(codes["content_mean"], codes["content_logvar"], codes["style_mean"], codes["style_logvar"]))
+    done("encoded")
+    for part in ("content", "style"):
+        scores = metrics.kmeans_scores(codes[f"{part}_mean"], test.character, seed=seed)
+        results[f"{part}_kmeans_accuracy"], results[f"{part}_nmi"] = scores["accuracy"], scores["nmi"]
+        for ways in (20, 5) if part == "content" else (20,):
+            results[f"{part}_{ways}way_1shot"] = metrics.few_shot_accuracy(
+                codes[f"{part}_mean"], test.character, test.alphabet, test.drawer, ways, episodes, seed
+            )
+        match = metrics.prior_match(codes[f"{part}_mean"], seed=seed)
+        results[f"prior_mmd2_{part}"] = match["mmd2"]
+        results[f"prior_mmd2_floor_{part}"] = match["mmd2_floor"]
+        results[f"prior_gaussian_kl_{part}"] = match["gaussian_kl"]
+    done("clusters, few-shot, prior match")
+    results.update(pixel_baseline(test, seed, cache_dir, episodes))
+    done("pixel baseline")
+
+    background = omni_data.load_set("background", cfg.image_size, data_dir, cache_dir, progress=progress)
+    if swap_pairs:
+        classifier = judge(cfg, background, cache_dir, model.device, progress)
+        _, held_out = omni_data.split_by_drawer(background, cfg.val_drawers)
+        classes = np.unique(omni_data.split_by_drawer(background, cfg.val_drawers)[0].character)
+        index = np.searchsorted(classes, held_out.character)
+        results.update(metrics.swap_consistency(model, classifier, held_out.tensors(), index, pairs=swap_pairs, seed=seed))
+    done("swap consistency")
+
+    if nll_k:
+        chosen = np.arange(len(test)) if not nll_images or nll_images >= len(test) else (
+            np.sort(np.random.default_rng(seed + 1).choice(len(test), nll_images, replace=False))
+        )
+        binary = metrics.binarize(images[chosen], seed=seed)
+        results.update(metrics.iwae_nll(model, binary, k=nll_k, seed=seed, progress=progress))
+        results["nll_k"], results["nll_images"] = nll_k, len(chosen)
+    done("likelihood")
+
+    if figures:
+        make_figures(run_dir, model, test, codes, seed)
+    done("figures")
+    step.close()
+    results["eval_seconds"] = round(time.time() - started, 1)
+    _atomic_json(run_dir / "metrics.json", results)
+    return results
+
+
+def make_figures(run_dir: Path, model, test: omni_data.Omniglot, codes: dict, seed: int) -> None:
+    """Every figure of the report, into run_dir/figures."""
+    out = run_dir / "figures"
+    out.mkdir(exist_ok=True)
+    rng = np.random.default_rng(seed)
+    images = test.tensors()
+    pick = torch.as_tensor(np.sort(rng.choice(len(test), 32, replace=False)))
+    with torch.no_grad():
+        q = model.posterior(images[pick].to(model.device))
+        recon = model.decode(q.content_mean, q.style_mean).cpu()
+    plots.reconstruction_grid(images[pick], recon, out / "reconstructions.png")
+    plots.image_grid(generate.sample(model, 64, seed), out / "samples.png", ncols=8)
+
+    # Swap: 6 characters (one drawing each) x 6 hands (drawings of other characters).
+    chars = rng.choice(np.unique(test.character), 12, replace=False)
+    first = np.array([np.flatnonzero(test.character == c)[0] for c in chars])
+    content_images, style_images = images[first[:6]], images[first[6:]]
+    plots.swap_grid(content_images, style_images, generate.swap(model, content_images, style_images), out / "swap.png")
+
+    # One-shot: 4 unseen characters, each from a single drawing, 8 new drawings each.
+    rows = [torch.cat([images[i : i + 1].cpu(), generate.one_shot(model, images[i], 8, seed + k)]) for k, i in enumerate(first[:4])]
+    plots.image_grid(torch.cat(rows), out / "one_shot.png", ncols=9)
+    a, b = images[first[0]], images[first[1]]
+    same_char = images[np.flatnonzero(test.character == chars[0])[1]]
+    plots.interpolation_grid(
+        torch.stack([generate.interpolate(model, a, b, 10, "content"), generate.interpolate(model, a, same_char, 10, "style")]),
+        out / "interpolation.png",
+        row_labels=["content", "style"],
+    )
+
+    # t-SNE: a readable subset coloured by character, and everything coloured by alphabet.
+    few = np.isin(test.character, _readable_characters(test, model.cfg.tsne_characters, seed))
+    names = np.array(test.alphabet_names)
+    # The by-alphabet map uses a fixed sample of drawings: t-SNE of all 13,180 costs minutes on a CPU.
+    many = np.sort(rng.choice(len(test), min(len(test), TSNE_POINTS), replace=False))
+    for part in ("content", "style"):
+        points = plots.embed_tsne(codes[f"{part}_mean"][few], seed=seed)
+        title = f"{part} codes: {few.sum()} drawings of {len(np.unique(test.character[few]))} characters"
+        plots.tsne_plot(points, test.character[few], out / f"tsne_{part}_characters.png", title)
+        points = plots.embed_tsne(codes[f"{part}_mean"][many], seed=seed)
+        title = f"{part} codes: {len(many)} drawings, coloured by alphabet"
+        plots.tsne_plot(points, names[test.alphabet[many]], out / f"tsne_{part}_alphabets.png", title, legend=False)
+    log = run_dir / "log.jsonl"
+    if log.exists():
+        plots.training_curves([json.loads(line) for line in log.read_text().splitlines() if line.strip()], out / "training_curves.png")
+
+
+def _readable_characters(test: omni_data.Omniglot, count: int, seed: int) -> np.ndarray:
+    """`count` characters from two alphabets (10 each by default), so that colours stay distinguishable."""
+    rng = np.random.default_rng(seed)
+    alphabets = rng.choice(np.unique(test.alphabet), 2, replace=False)
+    chosen = []
+    for alphabet in alphabets:
+        chars = np.unique(test.character[test.alphabet == alphabet])
+        chosen.extend(rng.choice(chars, min(len(chars), count // 2), replace=False))
+    return np.array(chosen)

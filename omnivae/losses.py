@@ -1,0 +1,200 @@
+"""Loss functions, each pure: tensors in, tensor out.
+
+Reduction convention, used everywhere: sum over pixels and latent dimensions, mean over
+the batch. So a reconstruction term is "nats per image" and a KL term is "nats per code".
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+# Scales of the multi-scale kernels, relative to the latent dimension (see `imq_kernel`).
+DEFAULT_SCALES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+def bernoulli_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """-log p(x | z) under independent Bernoulli pixels with the given logits.
+
+    Sum over pixels, mean over the batch. `x` may be grey levels in [0, 1] (the
+    cross-entropy with soft targets) or binarised images (the exact log-likelihood).
+    """
+    nll = F.binary_cross_entropy_with_logits(logits, x, reduction="none")  # (B, 1, S, S)
+    return nll.flatten(1).sum(1).mean()
+
+
+def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)) per row, summed over dimensions.
+
+    KL = 1/2 * sum_j (mean_j^2 + exp(logvar_j) - logvar_j - 1)
+    (Kingma and Welling 2014, "Auto-Encoding Variational Bayes", Appendix B).
+    Returns shape (B,): callers choose the reduction.
+    """
+    return 0.5 * (mean.pow(2) + logvar.exp() - logvar - 1.0).sum(-1)
+
+
+def reparameterize(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """z = mean + sigma * eps with eps ~ N(0, I): a sample that keeps gradients to mean and logvar."""
+    return mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+
+
+def _squared_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # ||x_i - y_j||^2 via the expansion, clamped against tiny negative round-off.
+    d = x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1) - 2.0 * x @ y.T  # (n, m)
+    return d.clamp_min(0.0)
+
+
+def imq_kernel(x: torch.Tensor, y: torch.Tensor, scales=DEFAULT_SCALES) -> torch.Tensor:
+    """Multi-scale inverse multiquadric kernel, k(x, y) = sum_s C_s / (C_s + ||x - y||^2).
+
+    C_s = 2 * d * s with d the dimension, so C = 2d at s = 1 is the expected squared
+    distance between two N(0, I) samples (Tolstikhin et al. 2018, "Wasserstein
+    Auto-Encoders", section 4). Heavy tails keep gradients alive for far-away codes.
+    """
+    d2 = _squared_distances(x, y)
+    dim = x.shape[1]
+    return sum(2.0 * dim * s / (2.0 * dim * s + d2) for s in scales)
+
+
+def rbf_kernel(x: torch.Tensor, y: torch.Tensor, scales=DEFAULT_SCALES) -> torch.Tensor:
+    """Multi-scale Gaussian (RBF) kernel, k(x, y) = sum_s exp(-||x - y||^2 / (2 d s)).
+
+    (Gretton et al. 2012, "A Kernel Two-Sample Test"; bandwidths relative to the dimension d.)
+    """
+    d2 = _squared_distances(x, y)
+    dim = x.shape[1]
+    return sum(torch.exp(-d2 / (2.0 * dim * s)) for s in scales)
+
+
+KERNELS: dict[str, Callable] = {"imq": imq_kernel, "rbf": rbf_kernel}
+
+
+def mmd(x: torch.Tensor, y: torch.Tensor, kernel: str = "imq", scales=DEFAULT_SCALES) -> torch.Tensor:
+    """Unbiased estimate of the squared maximum mean discrepancy between samples x and y.
+
+    MMD^2 = E[k(x, x')] + E[k(y, y')] - 2 E[k(x, y)]
+    with the diagonal (i = j) terms left out of the first two expectations
+    (Gretton et al. 2012, Lemma 6). Can be slightly negative when the two
+    distributions are equal. x: (n, d), y: (m, d), n, m >= 2.
+    """
+    k = KERNELS[kernel]
+    n, m = x.shape[0], y.shape[0]
+    kxx, kyy, kxy = k(x, x, scales), k(y, y, scales), k(x, y, scales)
+    sum_xx = kxx.sum() - kxx.diagonal().sum()
+    sum_yy = kyy.sum() - kyy.diagonal().sum()
+    return sum_xx / (n * (n - 1)) + sum_yy / (m * (m - 1)) - 2.0 * kxy.mean()
+
+
+# ---- regularisers toward the prior N(0, I), chosen by name --------------------------------
+# Each takes the posterior (mean, logvar) of one latent part, the codes to match to the prior
+# (posterior means or samples, see Config.match_codes) and returns a scalar for the batch.
+# The trainer multiplies it by the part's weight. The adversarial regulariser needs a
+# discriminator with its own optimiser, so it lives in train.py, built from the functions below.
+
+
+def kl_regularizer(mean, logvar, codes, kernel="imq", sample_kl=0.0):
+    """Closed-form KL(q(z|x) || N(0, I)), mean over the batch (the ELBO's term)."""
+    return gaussian_kl(mean, logvar).mean()
+
+
+def mmd_regularizer(mean, logvar, codes, kernel="imq", sample_kl=0.0):
+    """MMD^2 between the codes and as many N(0, I) samples, plus a small per-sample KL.
+
+    When `codes` are the posterior *means* this matches the aggregate posterior to the
+    prior, as Wasserstein autoencoders do (Tolstikhin et al. 2018): the means must spread
+    out like N(0, I), so every image cannot get the same code. When they are *sampled*
+    codes (the seed design) the MMD is zero once every q(z|x) equals the prior, which lets
+    the encoder collapse. `sample_kl` weighs a per-sample KL that keeps each q(z|x) a
+    proper Gaussian rather than a point.
+    """
+    loss = mmd(codes, torch.randn_like(codes), kernel)
+    if sample_kl:
+        loss = loss + sample_kl * gaussian_kl(mean, logvar).mean()
+    return loss
+
+
+def no_regularizer(mean, logvar, codes, **_):
+    return mean.new_zeros(())
+
+
+REGULARIZERS: dict[str, Callable] = {
+    "kl": kl_regularizer,
+    "mmd": mmd_regularizer,
+    "none": no_regularizer,
+}
+
+
+def discriminator_loss(prior_logits: torch.Tensor, code_logits: torch.Tensor, smoothing: float = 0.0):
+    """Binary cross-entropy of a discriminator that calls prior samples 1 and encoder codes 0.
+
+    L_D = -E_p[log D(z)] - E_q[log(1 - D(z))] (Makhzani et al. 2016, "Adversarial
+    Autoencoders", section 2), with one-sided label smoothing of the prior target to
+    1 - smoothing (Salimans et al. 2016). Mean over each batch.
+    """
+    real = F.binary_cross_entropy_with_logits(prior_logits, torch.full_like(prior_logits, 1.0 - smoothing))
+    fake = F.binary_cross_entropy_with_logits(code_logits, torch.zeros_like(code_logits))
+    return real + fake
+
+
+def generator_loss(code_logits: torch.Tensor) -> torch.Tensor:
+    """The encoder's side of the game, non-saturating form: -E_q[log D(z)] (Goodfellow et al. 2014)."""
+    return F.binary_cross_entropy_with_logits(code_logits, torch.ones_like(code_logits))
+
+
+def r1_penalty(prior_logits: torch.Tensor, prior_codes: torch.Tensor) -> torch.Tensor:
+    """R1 gradient penalty, E_p[||grad_z D(z)||^2] / 2 on prior samples (Mescheder et al. 2018).
+
+    `prior_codes` must have requires_grad=True and `prior_logits` must come from them.
+    """
+    (grad,) = torch.autograd.grad(prior_logits.sum(), prior_codes, create_graph=True)
+    return 0.5 * grad.pow(2).sum(1).mean()
+
+
+# ---- structure: grouping and content-level supervision -------------------------------------
+
+
+def product_of_gaussians(mean: torch.Tensor, logvar: torch.Tensor, group_size: int):
+    """Combine the posteriors of each group of `group_size` consecutive rows into one Gaussian.
+
+    The product of M Gaussians N(mu_i, s_i^2) is, up to normalisation, N(mu, s^2) with
+    1/s^2 = sum_i 1/s_i^2 and mu = s^2 * sum_i mu_i / s_i^2
+    (Bouchacourt et al. 2018, "Multi-Level Variational Autoencoder", eq. 5).
+    mean, logvar: (B, D) with B = G * M, group-major. Returns two (G, D) tensors.
+    """
+    g = mean.shape[0] // group_size
+    mean = mean.view(g, group_size, -1)  # (G, M, D)
+    precision = (-logvar).exp().view(g, group_size, -1)  # (G, M, D)
+    total = precision.sum(1)  # (G, D)
+    return (mean * precision).sum(1) / total, -total.log()
+
+
+def average_gaussians(mean: torch.Tensor, logvar: torch.Tensor, group_size: int):
+    """Group posterior as the average of the M means and variances (an alternative to the product)."""
+    g = mean.shape[0] // group_size
+    avg_mean = mean.view(g, group_size, -1).mean(1)  # (G, D)
+    avg_var = logvar.exp().view(g, group_size, -1).mean(1)  # (G, D)
+    return avg_mean, avg_var.log()
+
+
+GROUPINGS: dict[str, Callable] = {"product": product_of_gaussians, "average": average_gaussians}
+
+
+def supervised_contrastive(embeddings: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1):
+    """Supervised contrastive loss on L2-normalised embeddings.
+
+    L = mean_i  -1/|P(i)| sum_{p in P(i)} log( exp(s_ip / t) / sum_{a != i} exp(s_ia / t) )
+    with s the cosine similarity and P(i) the other rows with i's label
+    (Khosla et al. 2020, "Supervised Contrastive Learning", eq. 2, L_out). Rows with no
+    positive are left out of the mean.
+    """
+    z = F.normalize(embeddings, dim=1)
+    sim = z @ z.T / temperature  # (B, B)
+    self_mask = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    sim = sim.masked_fill(self_mask, -math.inf)
+    log_prob = sim - sim.logsumexp(1, keepdim=True)  # (B, B), -inf on the diagonal
+    positives = (labels[:, None] == labels[None, :]) & ~self_mask
+    count = positives.sum(1)
+    per_row = -log_prob.masked_fill(~positives, 0.0).sum(1) / count.clamp_min(1)
+    return per_row[count > 0].mean()

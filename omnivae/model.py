@@ -1,0 +1,177 @@
+"""The content/style VAE: a conv encoder with two Gaussian heads, a transposed-conv decoder.
+
+The model returns tensors, never losses (those live in losses.py).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from .config import Config
+from .losses import GROUPINGS, reparameterize
+
+
+class Posterior(NamedTuple):
+    content_mean: torch.Tensor  # (B, Dc)
+    content_logvar: torch.Tensor  # (B, Dc)
+    style_mean: torch.Tensor  # (B, Ds)
+    style_logvar: torch.Tensor  # (B, Ds)
+
+
+class VAEOutput(NamedTuple):
+    logits: torch.Tensor  # (B, 1, S, S) Bernoulli logits of the reconstruction
+    content_mean: torch.Tensor  # (B, Dc) per drawing, or the group's shared posterior repeated
+    content_logvar: torch.Tensor  # (B, Dc)
+    style_mean: torch.Tensor  # (B, Ds)
+    style_logvar: torch.Tensor  # (B, Ds)
+    content: torch.Tensor  # (B, Dc) sampled content code fed to the decoder
+    style: torch.Tensor  # (B, Ds) sampled style code fed to the decoder
+    drawing_content_mean: torch.Tensor  # (B, Dc) each drawing's own content mean, before grouping
+
+
+def feature_sizes(image_size: int) -> list[int]:
+    """Spatial sizes through the encoder: halve (rounding up) until 8 or less. 28 -> [28, 14, 7]."""
+    sizes = [image_size]
+    while sizes[-1] > 8:
+        sizes.append((sizes[-1] + 1) // 2)
+    return sizes
+
+
+def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def _up_block(cin: int, cout: int, out_size: int, in_size: int) -> nn.Sequential:
+    # ConvTranspose2d(k=3, s=2, p=1) maps n -> 2n - 1 + output_padding; choose it to hit out_size.
+    pad = out_size - (2 * in_size - 1)
+    return nn.Sequential(
+        nn.ConvTranspose2d(cin, cout, 3, 2, 1, output_padding=pad, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class StructuredVAE(nn.Module):
+    """Encoder -> (content, style) Gaussians -> decoder on [z_content, z_style].
+
+    Public API: `encode(x) -> (content_mean, style_mean)`, `decode(content, style) -> probabilities`,
+    `image_size`. `posterior` and `forward` give the full distributions for training.
+    """
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.image_size = cfg.image_size
+        self.content_dim, self.style_dim = cfg.content_dim, cfg.style_dim
+        sizes = feature_sizes(cfg.image_size)
+        widths = [cfg.channels * 2**i for i in range(len(sizes))]  # channels per level
+        self.sizes, self.widths = sizes, widths
+
+        layers = [_block(1, widths[0], 1)]
+        for i in range(1, len(sizes)):
+            layers.append(_block(widths[i - 1], widths[i], 2))
+        self.features = nn.Sequential(*layers)
+        flat = widths[-1] * sizes[-1] ** 2
+        self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(flat, cfg.hidden), nn.ReLU(inplace=True))
+        self.content_head = nn.Linear(cfg.hidden, 2 * cfg.content_dim)  # mean and logvar
+        self.style_head = nn.Linear(cfg.hidden, 2 * cfg.style_dim)
+
+        z_dim = cfg.content_dim + cfg.style_dim
+        self.expand = nn.Sequential(
+            nn.Linear(z_dim, cfg.hidden), nn.ReLU(inplace=True), nn.Linear(cfg.hidden, flat), nn.ReLU(inplace=True)
+        )
+        ups = []
+        for i in range(len(sizes) - 1, 0, -1):
+            ups.append(_up_block(widths[i], widths[i - 1], sizes[i - 1], sizes[i]))
+        self.upsample = nn.Sequential(*ups)
+        self.to_logits = nn.Conv2d(widths[0], 1, 3, 1, 1)
+
+    def posterior(self, x: torch.Tensor) -> Posterior:
+        """q(z_content | x) and q(z_style | x) for images x: (B, 1, S, S) in [0, 1], ink = 1."""
+        h = self.trunk(self.features(x))  # (B, hidden)
+        content_mean, content_logvar = self.content_head(h).chunk(2, dim=1)  # (B, Dc) each
+        style_mean, style_logvar = self.style_head(h).chunk(2, dim=1)  # (B, Ds) each
+        # Bound log-variances so exp() can neither overflow nor reach zero precision.
+        return Posterior(content_mean, content_logvar.clamp(-12, 8), style_mean, style_logvar.clamp(-12, 8))
+
+    def decode_logits(self, content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        h = self.expand(torch.cat([content, style], dim=1))  # (B, C * s * s)
+        h = h.view(-1, self.widths[-1], self.sizes[-1], self.sizes[-1])  # (B, C, s, s)
+        return self.to_logits(self.upsample(h))  # (B, 1, S, S)
+
+    def forward(self, x: torch.Tensor, group_size: int = 1) -> VAEOutput:
+        """Encode, sample and decode. With group_size > 1, rows come in groups of that many
+        drawings of one character and share one content posterior (cfg.grouping)."""
+        q = self.posterior(x)
+        content_mean, content_logvar = q.content_mean, q.content_logvar
+        if group_size > 1:
+            group_mean, group_logvar = GROUPINGS[self.cfg.grouping](content_mean, content_logvar, group_size)
+            # One content sample per group, repeated for each of its drawings.
+            group_code = reparameterize(group_mean, group_logvar)  # (G, Dc)
+            content = group_code.repeat_interleave(group_size, 0)  # (B, Dc)
+            content_mean = group_mean.repeat_interleave(group_size, 0)
+            content_logvar = group_logvar.repeat_interleave(group_size, 0)
+        else:
+            content = reparameterize(content_mean, content_logvar)
+        style = reparameterize(q.style_mean, q.style_logvar)
+        logits = self.decode_logits(content, style)
+        return VAEOutput(
+            logits, content_mean, content_logvar, q.style_mean, q.style_logvar, content, style, q.content_mean
+        )
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior means (content_mean, style_mean) of images x: (N, 1, S, S) in [0, 1], ink = 1."""
+        q = self.posterior(x.to(self.device))
+        return q.content_mean, q.style_mean
+
+    @torch.no_grad()
+    def decode(self, content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        """Pixel probabilities (N, 1, S, S) of images with the given codes."""
+        return torch.sigmoid(self.decode_logits(content.to(self.device), style.to(self.device)))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+class GradientReversal(torch.autograd.Function):
+    """Identity forward, -scale * gradient backward (Ganin and Lempitsky 2015)."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -ctx.scale * grad, None
+
+
+class StyleAdversary(nn.Module):
+    """Predicts the character from the style code through a gradient-reversal layer: the
+    classifier learns to find character identity in the style code while the encoder learns
+    to remove it."""
+
+    def __init__(self, style_dim: int, classes: int, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(style_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, classes))
+
+    def forward(self, style: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return self.net(GradientReversal.apply(style, scale))  # (B, classes) logits
+
+
+class Discriminator(nn.Module):
+    """Tells codes drawn from the prior (label 1) from codes made by the encoder (label 0)
+    (Makhzani et al. 2016, "Adversarial Autoencoders")."""
+
+    def __init__(self, dim: int, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 1)
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z).squeeze(1)  # (B,) logits

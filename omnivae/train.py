@@ -1,0 +1,340 @@
+"""Training: one loop, small helpers, atomic checkpoints that load without unpickling code."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import data as omni_data
+from .config import Config, ConfigError
+from .losses import (
+    REGULARIZERS,
+    bernoulli_nll,
+    discriminator_loss,
+    gaussian_kl,
+    generator_loss,
+    r1_penalty,
+    supervised_contrastive,
+)
+from .model import Discriminator, StructuredVAE, StyleAdversary
+
+WEIGHTS = "model.safetensors"  # every module's weights, prefixed by its name
+STATE = "train_state.pt"  # optimiser states and the epoch; tensors and plain types only
+PARTS = ("content", "style")
+
+
+@dataclass
+class Parts:
+    """Everything that trains: the VAE, optional helpers, and one optimiser per player."""
+
+    model: StructuredVAE
+    style_adversary: StyleAdversary | None = None
+    discriminators: dict = field(default_factory=dict)  # part -> Discriminator
+    optimizer: torch.optim.Optimizer | None = None  # VAE (and style adversary, through its reversal layer)
+    disc_optimizer: torch.optim.Optimizer | None = None
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        found = {"model": self.model}
+        if self.style_adversary is not None:
+            found["style_adversary"] = self.style_adversary
+        found.update({f"discriminator_{p}": d for p, d in self.discriminators.items()})
+        return found
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        found = {"optimizer": self.optimizer}
+        if self.disc_optimizer is not None:
+            found["disc_optimizer"] = self.disc_optimizer
+        return found
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_parts(cfg: Config, classes: int, device: torch.device) -> Parts:
+    """Modules and optimisers for a config; `classes` is the number of training characters."""
+    model = StructuredVAE(cfg).to(device)
+    parts = Parts(model)
+    params = list(model.parameters())
+    if cfg.style_adversary_weight > 0:
+        parts.style_adversary = StyleAdversary(cfg.style_dim, classes, cfg.hidden).to(device)
+        params += list(parts.style_adversary.parameters())
+    parts.optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    for part in PARTS:
+        if getattr(cfg, f"{part}_regularizer") == "adversarial":
+            dim = cfg.content_dim if part == "content" else cfg.style_dim
+            parts.discriminators[part] = Discriminator(dim, cfg.disc_hidden).to(device)
+    if parts.discriminators:
+        disc_params = [p for d in parts.discriminators.values() for p in d.parameters()]
+        parts.disc_optimizer = torch.optim.Adam(disc_params, lr=cfg.disc_lr, betas=(0.5, 0.9))
+    return parts
+
+
+def _codes(cfg: Config, out, part: str):
+    """(mean, logvar, codes matched to the prior) of one part; one row per group for grouped content."""
+    mean, logvar = getattr(out, f"{part}_mean"), getattr(out, f"{part}_logvar")
+    code = getattr(out, part)
+    if part == "content" and cfg.group_size > 1:  # rows repeat within a group: keep one
+        mean, logvar, code = mean[:: cfg.group_size], logvar[:: cfg.group_size], code[:: cfg.group_size]
+    return mean, logvar, (mean if cfg.match_codes == "mean" else code)
+
+
+def train_step(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, ramp: float = 1.0) -> dict:
+    """One update of the VAE (and its helpers), then of the discriminators. Returns loss terms.
+
+    x: (B, 1, S, S) in [0, 1]; label: (B,) training-character index, used only by the
+    content-level terms. With cfg.group_size > 1 the batch is G groups of M drawings.
+    """
+    model, M = parts.model, cfg.group_size
+    out = model(x, M)
+    terms = {"recon": bernoulli_nll(out.logits, x)}
+    loss = terms["recon"]
+    for part in PARTS:
+        name, weight = getattr(cfg, f"{part}_regularizer"), getattr(cfg, f"{part}_weight")
+        mean, logvar, codes = _codes(cfg, out, part)
+        if name == "adversarial":
+            terms[part] = generator_loss(parts.discriminators[part](codes))
+        else:
+            terms[part] = REGULARIZERS[name](mean, logvar, codes, kernel=cfg.mmd_kernel, sample_kl=cfg.sample_kl)
+        terms[f"kl_{part}"] = gaussian_kl(mean, logvar).mean().detach()  # logged, whatever the regulariser
+        loss = loss + ramp * weight * terms[part]
+    if cfg.contrastive_weight > 0:
+        terms["contrastive"] = supervised_contrastive(out.drawing_content_mean, label, cfg.temperature)
+        loss = loss + cfg.contrastive_weight * terms["contrastive"]
+    if parts.style_adversary is not None:
+        logits = parts.style_adversary(out.style_mean, ramp)  # gradient reversal inside
+        terms["style_adversary"] = F.cross_entropy(logits, label)
+        loss = loss + cfg.style_adversary_weight * terms["style_adversary"]
+    if cfg.cross_weight > 0:
+        # Content of each drawing with the style of the next drawing of its group -> that next drawing.
+        q = model.posterior(x)  # per-drawing posteriors
+        style = out.style.view(-1, M, cfg.style_dim).roll(1, dims=1).reshape(-1, cfg.style_dim)  # (B, Ds)
+        target = x.view(-1, M, *x.shape[1:]).roll(1, dims=1).reshape(x.shape)
+        terms["cross"] = bernoulli_nll(model.decode_logits(q.content_mean, style), target)
+        loss = loss + cfg.cross_weight * terms["cross"]
+
+    parts.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    parts.optimizer.step()
+
+    for _ in range(cfg.disc_steps if parts.discriminators else 0):
+        terms["disc"] = discriminator_step(parts, cfg, out)
+    terms["loss"] = loss.detach()
+    return {k: float(v.detach()) for k, v in terms.items()}
+
+
+def discriminator_step(parts: Parts, cfg: Config, out) -> torch.Tensor:
+    """Update each discriminator on prior samples vs the encoder's codes (detached: the encoder
+    is not trained here). Returns the summed discriminator loss."""
+    total = 0.0
+    for part, disc in parts.discriminators.items():
+        codes = _codes(cfg, out, part)[2].detach()
+        prior = torch.randn_like(codes).requires_grad_(True)
+        prior_logits = disc(prior)
+        loss = discriminator_loss(prior_logits, disc(codes), cfg.disc_label_smoothing)
+        if cfg.disc_grad_penalty > 0:
+            loss = loss + cfg.disc_grad_penalty * r1_penalty(prior_logits, prior)
+        total = total + loss
+    parts.disc_optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    parts.disc_optimizer.step()
+    return total.detach()
+
+
+@torch.no_grad()
+def validate(model: StructuredVAE, images: torch.Tensor, batch: int = 512) -> dict:
+    """Per-image reconstruction NLL (posterior means decoded) and KL of each part, on held-out drawers."""
+    model.eval()
+    sums = {"val_recon": 0.0, "val_kl_content": 0.0, "val_kl_style": 0.0}
+    for i in range(0, len(images), batch):
+        x = images[i : i + batch]
+        q = model.posterior(x)
+        logits = model.decode_logits(q.content_mean, q.style_mean)
+        sums["val_recon"] += float(bernoulli_nll(logits, x)) * len(x)
+        sums["val_kl_content"] += float(gaussian_kl(q.content_mean, q.content_logvar).sum())
+        sums["val_kl_style"] += float(gaussian_kl(q.style_mean, q.style_logvar).sum())
+    model.train()
+    return {k: v / len(images) for k, v in sums.items()}
+
+
+def batches(cfg: Config, labels: np.ndarray, epoch: int):
+    """Index arrays of one epoch: G characters x M drawings when grouped, else shuffled batches."""
+    if cfg.group_size > 1:
+        sampler = omni_data.GroupBatchSampler(labels, cfg.groups, cfg.group_size, seed=cfg.seed)
+        sampler.set_epoch(epoch)
+        return [np.asarray(b) for b in sampler]
+    order = np.random.default_rng((cfg.seed, epoch)).permutation(len(labels))
+    return [order[i : i + cfg.batch_size] for i in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size)]
+
+
+def learning_rate(cfg: Config, progress: float) -> float:
+    """Cosine decay from lr to lr * lr_min_ratio over training (progress in [0, 1])."""
+    low = cfg.lr * cfg.lr_min_ratio
+    return low + 0.5 * (cfg.lr - low) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def train(
+    cfg: Config,
+    run_dir,
+    data_dir=None,
+    cache_dir=None,
+    resume: bool = False,
+    progress: bool = True,
+    dataset: omni_data.Omniglot | None = None,
+) -> Path:
+    """Train a model into run_dir (config.json, model.safetensors, train_state.pt, log.jsonl).
+
+    With resume=True the run's own config.json is used and training continues from the
+    last finished epoch. `dataset` replaces the background set (tests use tiny data).
+    """
+    run_dir = Path(run_dir)
+    if resume:
+        if not (run_dir / "config.json").exists():
+            raise ConfigError(f"cannot resume: {run_dir} holds no config.json")
+        cfg = Config.load(run_dir / "config.json")
+    elif (run_dir / WEIGHTS).exists():
+        raise ConfigError(f"{run_dir} already holds a trained run; use --resume or another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.json")
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    if dataset is None:
+        dataset = omni_data.load_set("background", cfg.image_size, data_dir, cache_dir, progress=progress)
+    train_set, val_set = omni_data.split_by_drawer(dataset, cfg.val_drawers)
+    classes, label = np.unique(train_set.character, return_inverse=True)
+    images, label = train_set.tensors().to(device), torch.as_tensor(label, device=device)  # (N, 1, S, S), (N,)
+    val_images = val_set.tensors().to(device)
+
+    parts = build_parts(cfg, len(classes), device)
+    start = load_state(run_dir, parts, device) if resume else 0
+    steps_per_epoch = len(batches(cfg, train_set.character, 0))
+    started = time.time()
+    for epoch in range(start, cfg.epochs):
+        torch.manual_seed(cfg.seed * 100_003 + epoch)  # per-epoch seed: a resumed run repeats the same noise
+        epoch_start, sums = time.time(), {}
+        bar = tqdm(batches(cfg, train_set.character, epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        for i, idx in enumerate(bar):
+            done = epoch + i / steps_per_epoch
+            for group in parts.optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, done / cfg.epochs)
+            ramp = min(1.0, done / cfg.warmup_epochs) if cfg.warmup_epochs > 0 else 1.0
+            idx = torch.as_tensor(idx, device=device)
+            terms = train_step(parts, cfg, images[idx], label[idx], ramp)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items() if k in ("recon", "content", "style", "contrastive")})
+        record = {"epoch": epoch + 1, "seconds": round(time.time() - epoch_start, 2)}
+        record.update({k: v / max(1, len(bar)) for k, v in sums.items()})
+        record.update(validate(parts.model, val_images))
+        with open(run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        save_checkpoint(run_dir, parts, epoch + 1)
+        if progress:
+            shown = ", ".join(f"{k} {record[k]:.2f}" for k in ("recon", "val_recon", "contrastive") if k in record)
+            tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: {shown} ({record['seconds']:.0f}s)")
+    write_run_info(run_dir, device, time.time() - started, len(images) * (cfg.epochs - start))
+    return run_dir
+
+
+def write_run_info(run_dir: Path, device: torch.device, seconds: float, images: int) -> None:
+    """Where and how long the (last part of the) training ran, for the report."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    info = {
+        "device": str(device),
+        "hardware": name,
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "train_seconds": round(seconds, 1),
+        "images_per_second": round(images / max(seconds, 1e-9), 1),
+    }
+    _atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2) + "\n")
+
+
+def cpu_name() -> str:
+    """The processor's model name and core count, as the OS reports it."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: Path, parts: Parts, epoch: int) -> None:
+    """Weights to model.safetensors, optimiser states and epoch to train_state.pt, each written to a
+    temporary file first and renamed, so an interrupted write never leaves a broken checkpoint."""
+    weights = {f"{name}.{k}": v.detach().cpu().contiguous() for name, m in parts.modules().items() for k, v in m.state_dict().items()}
+    tmp = run_dir / (WEIGHTS + ".tmp")
+    save_file(weights, str(tmp), metadata={"epoch": str(epoch)})
+    state = {name: opt.state_dict() for name, opt in parts.optimizers().items()}
+    state["epoch"] = epoch
+    tmp_state = run_dir / (STATE + ".tmp")
+    torch.save(state, tmp_state)
+    os.replace(tmp_state, run_dir / STATE)
+    os.replace(tmp, run_dir / WEIGHTS)
+
+
+def _load_weights(run_dir: Path, modules: dict, device) -> None:
+    path = Path(run_dir) / WEIGHTS
+    if not path.exists():
+        raise ConfigError(f"{run_dir} holds no {WEIGHTS}: not a trained run folder")
+    try:
+        weights = load_file(str(path), device=str(device))
+    except Exception as err:  # safetensors raises several kinds on a damaged file
+        raise ConfigError(f"cannot read {path}: {err}") from None
+    for name, module in modules.items():
+        prefix = name + "."
+        module.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
+
+
+def load_state(run_dir: Path, parts: Parts, device) -> int:
+    """Restore every module and optimiser of a run; returns the number of finished epochs."""
+    _load_weights(run_dir, parts.modules(), device)
+    state = torch.load(Path(run_dir) / STATE, map_location=device, weights_only=True)
+    for name, opt in parts.optimizers().items():
+        opt.load_state_dict(state[name])
+    return int(state["epoch"])
+
+
+def load(run_dir, device: str = "cpu") -> StructuredVAE:
+    """The trained model of a run folder, in eval mode (only its weights are read: no pickles)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise ConfigError(f"{run_dir} holds no config.json: not a run folder")
+    cfg = Config.load(run_dir / "config.json")
+    model = StructuredVAE(cfg).to(resolve_device(device))
+    _load_weights(run_dir, {"model": model}, model.device)
+    return model.eval()
