@@ -82,3 +82,29 @@ def make_tiny_omniglot(root: Path, set_name: str = "background", alphabets: int 
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2])
     return path
+
+
+def synthetic_omniglot(characters: int = 8, drawers: int = 20, size: int = 28, alphabets: int = 2, seed: int = 0):
+    """An in-memory Omniglot with two obvious factors: the character is a random 10x10 glyph,
+    the drawer shifts it to one of 5 x 4 positions. Returns an `omnivae.data.Omniglot`."""
+    from omnivae.data import Omniglot
+
+    rng = np.random.default_rng(seed)
+    glyphs = rng.random((characters, 10, 10)) < 0.4
+    images, character, drawer, alphabet = [], [], [], []
+    for c in range(characters):
+        for d in range(1, drawers + 1):
+            image = np.zeros((size, size), dtype=np.uint8)
+            top, left = 2 + 3 * ((d - 1) // 5), 2 + 3 * ((d - 1) % 5)
+            image[top:top + 10, left:left + 10] = glyphs[c] * 255
+            images.append(image)
+            character.append(c + 1)
+            drawer.append(d)
+            alphabet.append(c * alphabets // characters)
+    return Omniglot(
+        images=np.stack(images),
+        character=np.array(character, dtype=np.int16),
+        drawer=np.array(drawer, dtype=np.int8),
+        alphabet=np.array(alphabet, dtype=np.int16),
+        alphabet_names=[f"Alphabet_{a}" for a in range(alphabets)],
+    )

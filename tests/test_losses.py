@@ -1,0 +1,117 @@
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+from omnivae import losses
+
+
+def test_gaussian_kl_matches_torch_distributions():
+    torch.manual_seed(0)
+    mean, logvar = torch.randn(5, 7), torch.randn(5, 7)
+    expected = kl_divergence(Normal(mean, (0.5 * logvar).exp()), Normal(0.0, 1.0)).sum(1)
+    torch.testing.assert_close(losses.gaussian_kl(mean, logvar), expected)
+
+
+def test_gaussian_kl_is_zero_at_the_prior():
+    assert losses.gaussian_kl(torch.zeros(3, 4), torch.zeros(3, 4)).abs().max() == 0
+
+
+def test_bernoulli_nll_of_zero_logits_is_log2_per_pixel():
+    x = (torch.rand(4, 1, 28, 28) > 0.5).float()
+    assert losses.bernoulli_nll(torch.zeros_like(x), x).item() == pytest.approx(784 * math.log(2), rel=1e-6)
+
+
+@pytest.mark.parametrize("kernel", ["imq", "rbf"])
+def test_kernel_of_a_point_with_itself_is_number_of_scales(kernel):
+    x = torch.randn(3, 5)
+    k = losses.KERNELS[kernel](x, x)
+    torch.testing.assert_close(k.diagonal(), torch.full((3,), float(len(losses.DEFAULT_SCALES))))
+    assert (k <= len(losses.DEFAULT_SCALES) + 1e-5).all() and (k > 0).all()
+
+
+@pytest.mark.parametrize("kernel", ["imq", "rbf"])
+def test_mmd_same_distribution_near_zero_different_distributions_positive(kernel):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(500, 8, generator=g), torch.randn(500, 8, generator=g)
+    same = losses.mmd(x, y, kernel).item()
+    shifted = losses.mmd(x, y + 1.0, kernel).item()
+    assert abs(same) < 0.01
+    assert shifted > 0.1
+    assert shifted > 20 * abs(same)
+
+
+def test_mmd_is_unbiased_on_average():
+    # The unbiased estimator averages to 0 (not a positive bias ~1/n) between equal distributions.
+    g = torch.Generator().manual_seed(1)
+    values = [losses.mmd(torch.randn(20, 4, generator=g), torch.randn(20, 4, generator=g)).item() for _ in range(300)]
+    biased_scale = 2 * len(losses.DEFAULT_SCALES) / 20  # what the diagonal terms would add
+    assert abs(sum(values) / len(values)) < 0.05 * biased_scale
+
+
+def test_mmd_of_collapsed_codes_is_large():
+    codes = torch.zeros(128, 8)
+    assert losses.mmd(codes, torch.randn(128, 8)).item() > 0.5
+
+
+def test_mmd_regularizer_sees_collapse_only_through_means():
+    # Every posterior equal to the prior: sampled codes look like N(0, I), the means do not.
+    torch.manual_seed(0)
+    mean, logvar = torch.zeros(256, 8), torch.zeros(256, 8)
+    code = losses.reparameterize(mean, logvar)
+    assert losses.mmd_regularizer(mean, logvar, code).item() < 0.02  # the seed design: blind to collapse
+    assert losses.mmd_regularizer(mean, logvar, mean).item() > 0.5  # aggregate of means: sees it
+
+
+def test_product_of_two_gaussians_known_answer():
+    # N(0, 1) * N(2, 1) -> N(1, 1/2); N(0, 1) * N(3, 1/2) -> precision 3, mean 2.
+    mean = torch.tensor([[0.0, 0.0], [2.0, 3.0]])
+    logvar = torch.log(torch.tensor([[1.0, 1.0], [1.0, 0.5]]))
+    group_mean, group_logvar = losses.product_of_gaussians(mean, logvar, 2)
+    torch.testing.assert_close(group_mean, torch.tensor([[1.0, 2.0]]))
+    torch.testing.assert_close(group_logvar.exp(), torch.tensor([[0.5, 1 / 3]]))
+
+
+def test_product_of_gaussians_groups_are_consecutive_rows():
+    mean = torch.arange(6.0)[:, None]  # groups {0,1,2}, {3,4,5}
+    group_mean, group_logvar = losses.product_of_gaussians(mean, torch.zeros(6, 1), 3)
+    torch.testing.assert_close(group_mean, torch.tensor([[1.0], [4.0]]))
+    torch.testing.assert_close(group_logvar.exp(), torch.full((2, 1), 1 / 3))
+
+
+def test_average_gaussians():
+    mean = torch.tensor([[0.0], [2.0]])
+    logvar = torch.log(torch.tensor([[1.0], [3.0]]))
+    group_mean, group_logvar = losses.average_gaussians(mean, logvar, 2)
+    torch.testing.assert_close(group_mean, torch.tensor([[1.0]]))
+    torch.testing.assert_close(group_logvar.exp(), torch.tensor([[2.0]]))
+
+
+def test_supervised_contrastive_known_answers():
+    labels = torch.tensor([0, 0, 1, 1])
+    # All embeddings equal: every other row is equally likely, loss = log(B - 1).
+    same = losses.supervised_contrastive(torch.ones(4, 3), labels)
+    assert same.item() == pytest.approx(math.log(3), rel=1e-5)
+    # Classes on orthogonal axes at a low temperature: positives win, loss -> 0.
+    separated = torch.tensor([[1.0, 0], [1.0, 0], [0, 1.0], [0, 1.0]])
+    assert losses.supervised_contrastive(separated, labels, temperature=0.05).item() < 1e-6
+    # Swapped: positives are orthogonal, negatives aligned -> large loss.
+    mixed = torch.tensor([[1.0, 0], [0, 1.0], [1.0, 0], [0, 1.0]])
+    assert losses.supervised_contrastive(mixed, labels, temperature=0.05).item() > 10
+
+
+def test_discriminator_and_generator_losses_known_values():
+    zero = torch.zeros(10)
+    assert losses.discriminator_loss(zero, zero).item() == pytest.approx(2 * math.log(2))
+    assert losses.generator_loss(zero).item() == pytest.approx(math.log(2))
+    confident = losses.discriminator_loss(torch.full((10,), 20.0), torch.full((10,), -20.0))
+    assert confident.item() < 1e-6
+    # Label smoothing: a perfectly confident discriminator is now penalised.
+    assert losses.discriminator_loss(torch.full((10,), 20.0), torch.full((10,), -20.0), smoothing=0.1).item() > 1.0
+
+
+def test_r1_penalty_of_a_linear_discriminator():
+    w = torch.tensor([1.0, -2.0, 2.0])
+    z = torch.randn(6, 3, requires_grad=True)
+    assert losses.r1_penalty(z @ w, z).item() == pytest.approx(0.5 * 9.0)
