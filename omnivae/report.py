@@ -1,0 +1,492 @@
+"""A run's report (one self-contained HTML file) and tables comparing runs.
+
+A run folder holds config.json, log.jsonl, run.json (where and how fast it trained),
+metrics.json (from evaluation) and figures/*.png. `write_report` turns them into
+run_dir/report.html: figures are embedded as base64 data URIs and the CSS is inline, so the
+file opens offline and can be mailed around. `compare` and `write_compare_page` put the
+metrics of several runs side by side. `METRICS` is the one list of metric names and what
+they mean; the README and the comparison tables read it from here.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+import tempfile
+from pathlib import Path
+
+from .plots import atomic_write, bar_chart
+
+# Every metric evaluation writes to metrics.json, in the order tables show them, with one line
+# saying what it measures. Keys not listed here still appear, under "other values".
+METRICS: dict[str, str] = {
+    "split": "Which images the numbers below were computed on.",
+    "test_images": "Images in the evaluation split.",
+    "kl_total": "KL(q(z|x) || N(0, I)) per image, content plus style, in nats: the seed document's metric. A rate, not a prior match: 0 means codes carry no information.",
+    "kl_content": "Per-image posterior KL of the content code, in nats.",
+    "kl_style": "Per-image posterior KL of the style code, in nats.",
+    "content_kmeans_accuracy": "k-means on content means, one cluster per character, best one-to-one match to characters (higher is better).",
+    "content_nmi": "Normalised mutual information between k-means clusters of content means and characters (higher is better).",
+    "style_kmeans_accuracy": "k-means clustering accuracy of style means against characters (lower: less character in the style code).",
+    "style_nmi": "NMI of style-mean clusters against characters (lower: less character in the style code).",
+    "pixel_kmeans_accuracy": "k-means clustering accuracy on raw pixels: the baseline for clustering accuracy.",
+    "pixel_nmi": "NMI of k-means clusters on raw pixels: the baseline for NMI.",
+    "content_20way_1shot": "20-way 1-shot nearest-neighbour classification with content means, unseen characters (higher is better; chance 0.05).",
+    "content_5way_1shot": "5-way 1-shot nearest-neighbour classification with content means (higher is better; chance 0.2).",
+    "style_20way_1shot": "Style leakage: 20-way 1-shot classification with style means (lower is better; chance 0.05).",
+    "pixel_20way_1shot": "20-way 1-shot nearest-neighbour classification on raw pixels: the baseline.",
+    "pixel_5way_1shot": "5-way 1-shot nearest-neighbour classification on raw pixels: the baseline.",
+    "swap_consistency": "Decode (content of A, style of B): how often an independent classifier names A's character (higher is better).",
+    "style_character_rate": "Decode (content of A, style of B): how often the classifier names B's character (lower: less character in the style code).",
+    "reconstruction_accuracy": "The classifier on decode(content A, style A): the ceiling a swap can reach given the decoder's blur.",
+    "real_accuracy": "The classifier on the real held-out drawings: its own ceiling.",
+    "pairs": "Image pairs used for the swap numbers.",
+    "classifier_accuracy": "Accuracy of the character classifier that judges the swaps.",
+    "recon_consistency": "How often a reconstruction is classified as its own character (higher is better).",
+    "nll": "Negative log-likelihood per binarised image, importance-weighted (IWAE) bound, in nats (lower is better).",
+    "nll_iwae": "Negative log-likelihood per binarised image, importance-weighted (IWAE) bound, in nats (lower is better).",
+    "elbo_nll": "Negative ELBO per image from the same samples, in nats: never below the IWAE NLL (lower is better).",
+    "elbo": "The ELBO per image, in nats (higher is better).",
+    "nll_k": "Importance samples per image used for nll_iwae.",
+    "nll_images": "Images used for the NLL estimates.",
+    "prior_mmd2_content": "MMD^2 between content means and N(0, I) samples (lower: the aggregate posterior matches the prior).",
+    "prior_mmd2_floor_content": "MMD^2 between two N(0, I) samples of the same size: the noise floor for prior_mmd2_content.",
+    "prior_gaussian_kl_content": "KL from a Gaussian fitted to the content means to N(0, I), in nats (lower is better).",
+    "prior_mmd2_style": "MMD^2 between style means and N(0, I) samples (lower is better).",
+    "prior_mmd2_floor_style": "MMD^2 between two N(0, I) samples of the same size: the noise floor for prior_mmd2_style.",
+    "prior_gaussian_kl_style": "KL from a Gaussian fitted to the style means to N(0, I), in nats (lower is better).",
+    "eval_seconds": "Seconds the evaluation took.",
+}
+
+# The raw-pixel number each metric is shown beside.
+PIXEL_BASELINE: dict[str, str] = {
+    "content_kmeans_accuracy": "pixel_kmeans_accuracy",
+    "content_nmi": "pixel_nmi",
+    "style_kmeans_accuracy": "pixel_kmeans_accuracy",
+    "style_nmi": "pixel_nmi",
+    "content_20way_1shot": "pixel_20way_1shot",
+    "style_20way_1shot": "pixel_20way_1shot",
+    "content_5way_1shot": "pixel_5way_1shot",
+}
+
+# The numbers the seed document reports, beside the metric each corresponds to.
+SEED_DOCUMENT: dict[str, float] = {
+    "kl_total": 63.1432,  # "KL divergence"
+    "content_kmeans_accuracy": 0.0017,  # "clustering accuracy"
+}
+
+# Figures a run may hold, in the order the report shows them, with their captions.
+FIGURES: dict[str, str] = {
+    "reconstructions.png": "Reconstructions: held-out drawings (input rows) and their reconstructions (output rows).",
+    "samples.png": "Samples: content and style codes drawn from the prior N(0, I) and decoded.",
+    "swap.png": "Content/style swap: cell (r, c) decodes the content code of the drawing at the left of row r with the style code of the drawing at the top of column c.",
+    "one_shot.png": "One-shot classification: query drawings and the support drawings their content codes are nearest to.",
+    "interpolation.png": "Interpolations: decoding points on straight lines between the codes of two drawings.",
+    "tsne_content_characters.png": "t-SNE of content means, coloured by character: one tight cluster per character is the goal.",
+    "tsne_style_characters.png": "t-SNE of style means, coloured by character: no structure by character is the goal.",
+    "tsne_content_alphabets.png": "t-SNE of content means, coloured by alphabet.",
+    "tsne_style_alphabets.png": "t-SNE of style means, coloured by alphabet.",
+    "training_curves.png": "Training curves: each logged term per epoch, training and validation on the same axes.",
+}
+_GRID_FIGURES = {"reconstructions.png", "samples.png", "swap.png", "one_shot.png", "interpolation.png"}
+
+# Metrics drawn as bar charts on the comparison page, when any run has them.
+KEY_METRICS = ("content_kmeans_accuracy", "content_nmi", "content_20way_1shot", "style_20way_1shot",
+               "swap_consistency", "kl_total", "nll_iwae")
+
+_RUN_INFO = (  # run.json key -> label in "How it was trained"
+    ("device", "Device"),
+    ("hardware", "Hardware"),
+    ("cpu_threads", "CPU threads"),
+    ("torch", "PyTorch"),
+    ("train_seconds", "Training time"),
+    ("images_per_second", "Throughput"),
+)
+
+_CSS = """
+body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d2230;
+       background: #f6f7f9; margin: 0; }
+main { max-width: 1100px; margin: 0 auto; padding: 24px 28px 60px; background: #fff; min-height: 100vh;
+       box-shadow: 0 0 0 1px #e3e6ea; }
+h1 { font-size: 26px; margin: 8px 0 2px; }
+h2 { font-size: 19px; margin: 34px 0 10px; padding-bottom: 4px; border-bottom: 2px solid #e3e6ea; }
+.sub { color: #5b6272; margin: 0 0 8px; }
+table { border-collapse: collapse; margin: 8px 0 16px; font-size: 14px; }
+th, td { padding: 5px 10px; text-align: left; vertical-align: top; border-bottom: 1px solid #e6e8ec; }
+th { background: #eef1f5; font-weight: 600; }
+tbody tr:nth-child(even) td { background: #fafbfc; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.key, td.metric { font-family: ui-monospace, "SF Mono", Menlo, Consolas, monospace; font-size: 13px; white-space: nowrap; }
+td.desc { color: #4a5161; font-size: 13px; }
+td.missing { color: #9aa1ad; text-align: center; }
+figure { margin: 18px 0 30px; }
+figure img { max-width: 100%; height: auto; border: 1px solid #e3e6ea; display: block; }
+figure img.grid { image-rendering: pixelated; }
+figcaption { color: #4a5161; font-size: 14px; margin-top: 6px; }
+figcaption code, p code { font-size: 13px; }
+.note { color: #7a8190; font-style: italic; }
+.charts { display: grid; grid-template-columns: repeat(auto-fill, minmax(420px, 1fr)); gap: 0 24px; }
+.charts figure { margin: 10px 0 20px; }
+"""
+
+
+# ----------------------------------------------------------------------------- reading a run folder
+
+
+def _read_json(path: Path):
+    """A JSON file's contents, or None when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_log(path: Path) -> list[dict]:
+    """The records of a log.jsonl file; missing file or broken lines are skipped."""
+    records = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return records
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: metrics.json is mostly flat, nested parts are tolerated."""
+    flat = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def read_metrics(run_dir) -> dict:
+    """metrics.json of a run as a flat dict ({} when there is none)."""
+    metrics = _read_json(Path(run_dir) / "metrics.json")
+    return _flatten(metrics) if isinstance(metrics, dict) else {}
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def format_value(value) -> str:
+    """How tables show a value: ints as they are, floats to 4 decimals (3 significant digits when
+    very small or large), None as "-", anything else as text."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+            return f"{value:.3g}"
+        return f"{value:.4f}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(format_value(v) for v in value)
+    return str(value)
+
+
+def format_metric(key: str, value) -> str:
+    """format_value, except durations (keys ending in _seconds) to one decimal."""
+    if key.endswith("_seconds") and _is_number(value):
+        return f"{value:.1f}"
+    return format_value(value)
+
+
+def _format_setting(value) -> str:
+    """Config values as written: 0.001 stays 0.001, 2e-4 stays 0.0002, tuples as 19, 20."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    return format_value(value)
+
+
+def format_seconds(seconds) -> str:
+    """3723 -> "1 h 02 min"; 192 -> "3 min 12 s"; 12.34 -> "12.3 s"."""
+    seconds = float(seconds)
+    if seconds >= 3600:
+        hours, rest = divmod(round(seconds), 3600)
+        return f"{hours} h {rest // 60:02d} min"
+    if seconds >= 60:
+        minutes, rest = divmod(round(seconds), 60)
+        return f"{minutes} min {rest:02d} s"
+    return f"{seconds:.1f} s"
+
+
+def _run_info_value(key: str, value) -> str:
+    if key == "train_seconds" and isinstance(value, (int, float)):
+        return format_seconds(value)
+    if key == "images_per_second" and isinstance(value, (int, float)):
+        return f"{value:,.0f} images/s"
+    return format_value(value)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _e(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def _png_data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _figure_order(figures_dir: Path) -> list[Path]:
+    """Known figures in the order of FIGURES, then any other PNGs by name."""
+    if not figures_dir.is_dir():
+        return []
+    present = {p.name: p for p in figures_dir.glob("*.png") if p.is_file()}
+    known = [present[name] for name in FIGURES if name in present]
+    others = sorted(p for name, p in present.items() if name not in FIGURES)
+    return known + others
+
+
+def _caption(name: str) -> str:
+    if name in FIGURES:
+        return FIGURES[name]
+    return Path(name).stem.replace("_", " ").capitalize() + "."
+
+
+def _kv_table(rows: list[tuple[str, str]], table_id: str, per_line: int = 1, names=("setting", "value")) -> str:
+    """Key/value pairs as a table, `per_line` pairs side by side to keep long lists compact."""
+    cells = []
+    for i in range(0, len(rows), per_line):
+        chunk = rows[i:i + per_line]
+        line = "".join(f'<td class="key">{_e(k)}</td><td class="num">{_e(v)}</td>' for k, v in chunk)
+        line += '<td></td><td></td>' * (per_line - len(chunk))
+        cells.append(f"<tr>{line}</tr>")
+    head = f"<th>{_e(names[0])}</th><th>{_e(names[1])}</th>" * per_line
+    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(cells)}</tbody></table>'
+
+
+def _metrics_tables(metrics: dict) -> str:
+    """The metrics table (metric, this run, raw pixels, seed document, description) and an
+    "other values" table for keys METRICS does not know."""
+    shown_as_baseline = {PIXEL_BASELINE[k] for k in PIXEL_BASELINE if k in metrics}
+    rows = []
+    for key, description in METRICS.items():
+        if key not in metrics or key in shown_as_baseline:
+            continue
+        pixel_key = PIXEL_BASELINE.get(key)
+        pixel = format_value(metrics[pixel_key]) if pixel_key in metrics else "-"
+        seed = format_value(SEED_DOCUMENT[key]) if key in SEED_DOCUMENT else "-"
+        num = "num" if _is_number(metrics[key]) else ""
+        rows.append(
+            f'<tr><td class="metric">{_e(key)}</td><td class="{num}">{_e(format_metric(key, metrics[key]))}</td>'
+            f'<td class="{"num" if pixel != "-" else "missing"}">{_e(pixel)}</td>'
+            f'<td class="{"num" if seed != "-" else "missing"}">{_e(seed)}</td>'
+            f'<td class="desc">{_e(description)}</td></tr>')
+    if rows:
+        out = ('<table id="metrics"><thead><tr><th>metric</th><th>this run</th><th>raw pixels</th>'
+               f'<th>seed document</th><th>what it measures</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
+    else:
+        out = '<p class="note">No metrics.json in this run folder: run the evaluation to fill this table.</p>'
+        seeds = "".join(f'<tr><td class="metric">{_e(k)}</td><td class="num">{_e(format_value(v))}</td></tr>'
+                        for k, v in SEED_DOCUMENT.items())
+        out += ('<p>The seed document reports:</p><table id="seed-document"><thead><tr><th>metric</th>'
+                f'<th>seed document</th></tr></thead><tbody>{seeds}</tbody></table>')
+    other = [(k, format_metric(k, v)) for k, v in metrics.items() if k not in METRICS]
+    if other:
+        out += "<h3>Other values</h3>" + _kv_table(other, "other-metrics", per_line=2, names=("metric", "value"))
+    return out
+
+
+def _training_section(run_info: dict | None, records: list[dict], config: dict | None) -> str:
+    rows = []
+    info = run_info if isinstance(run_info, dict) else {}
+    for key, label in _RUN_INFO:
+        if key in info:
+            rows.append((label, _run_info_value(key, info[key])))
+    epochs = [r["epoch"] for r in records if isinstance(r.get("epoch"), (int, float))]
+    if epochs:
+        done = format_value(max(epochs))
+        planned = config.get("epochs") if isinstance(config, dict) else None
+        rows.append(("Epochs", f"{done} of {planned}" if planned is not None else done))
+    last = records[-1] if records else {}
+    for key in ("recon", "val_recon"):
+        if isinstance(last.get(key), (int, float)):
+            rows.append((f"Final {key.replace('_', ' ')}", format_value(last[key])))
+    for key, value in info.items():
+        if key not in dict(_RUN_INFO):
+            rows.append((key, format_value(value)))
+    if not rows:
+        return '<p class="note">No run.json or log.jsonl in this run folder.</p>'
+    return _kv_table(rows, "training")
+
+
+def write_report(run_dir) -> Path:
+    """Write run_dir/report.html, a single self-contained page about one run, and return its path.
+
+    Reads whatever of config.json, run.json, log.jsonl, metrics.json and figures/*.png exists;
+    missing parts are noted in the page rather than raising.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no run folder at {run_dir}")
+    config = _read_json(run_dir / "config.json")
+    run_info = _read_json(run_dir / "run.json")
+    records = read_log(run_dir / "log.jsonl")
+    metrics = read_metrics(run_dir)
+    name = run_dir.resolve().name
+
+    parts = [f"<h1>omnivae run: {_e(name)}</h1>"]
+    subtitle = "A structured VAE on Omniglot: a content code (which character) and a style code (how it was drawn)."
+    parts.append(f'<p class="sub">{_e(subtitle)}</p>')
+
+    parts.append("<h2>How it was trained</h2>")
+    parts.append(_training_section(run_info, records, config))
+
+    parts.append("<h2>Configuration</h2>")
+    if isinstance(config, dict) and config:
+        parts.append(_kv_table([(k, _format_setting(v)) for k, v in config.items()], "config", per_line=3))
+    else:
+        parts.append('<p class="note">No readable config.json in this run folder.</p>')
+
+    parts.append("<h2>Metrics</h2>")
+    parts.append("<p>Each number is beside the same measure on raw pixels and, where it reports one, "
+                 "the seed document's value.</p>")
+    parts.append(_metrics_tables(metrics))
+
+    parts.append("<h2>Figures</h2>")
+    figures = _figure_order(run_dir / "figures")
+    if not figures:
+        parts.append('<p class="note">No figures in this run folder.</p>')
+    for path in figures:
+        css = ' class="grid"' if path.name in _GRID_FIGURES else ""
+        parts.append(
+            f'<figure id="fig-{_e(path.stem)}"><img{css} src="{_png_data_uri(path)}" alt="{_e(path.name)}">'
+            f"<figcaption><code>{_e(path.name)}</code>: {_e(_caption(path.name))}</figcaption></figure>")
+
+    page = _page(f"omnivae report: {name}", "\n".join(parts))
+    target = run_dir / "report.html"
+    with atomic_write(target) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return target
+
+
+def _page(title: str, body: str) -> str:
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{_e(title)}</title><style>{_CSS}</style></head>\n<body><main>\n{body}\n</main></body></html>\n")
+
+
+# ----------------------------------------------------------------------------- comparing runs
+
+
+def _run_names(run_dirs: list[Path]) -> list[str]:
+    """Folder names, with the parent folder added where two runs share a name."""
+    names = [p.resolve().name for p in run_dirs]
+    return [f"{p.resolve().parent.name}/{n}" if names.count(n) > 1 else n for p, n in zip(run_dirs, names)]
+
+
+def _compare_rows(run_dirs) -> tuple[list[str], list[list[str]], list[dict]]:
+    """Header and rows of the comparison table, plus each run's raw values."""
+    run_dirs = [Path(p) for p in run_dirs]
+    values = []
+    for run_dir in run_dirs:
+        found = read_metrics(run_dir)
+        info = _read_json(run_dir / "run.json")
+        if isinstance(info, dict) and "train_seconds" in info:
+            found["train_seconds"] = info["train_seconds"]
+        values.append(found)
+    columns = [k for k in METRICS if any(k in v for v in values)]
+    if any("train_seconds" in v for v in values):
+        columns.append("train_seconds")
+    header = ["run"] + columns
+    rows = [[name] + [format_metric(k, v[k]) if k in v else "-" for k in columns]
+            for name, v in zip(_run_names(run_dirs), values)]
+    return header, rows, values
+
+
+def compare(run_dirs, fmt: str = "table") -> str:
+    """The metrics of several runs, one row per run: fmt "table" (aligned text), "markdown" or "csv".
+
+    Columns are the metrics any run has, in METRICS order, then train_seconds; "-" marks a
+    value a run lacks.
+    """
+    header, rows, _ = _compare_rows(run_dirs)
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+        return buffer.getvalue()
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+        return "\n".join(lines) + "\n"
+    if fmt == "table":
+        widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
+
+        def line(cells):  # run names left-aligned, numbers right-aligned
+            padded = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+            return "  ".join(padded).rstrip()
+
+        return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]) + "\n"
+    raise ValueError(f"unknown format {fmt!r}; choose table, markdown or csv")
+
+
+def write_compare_page(run_dirs, path) -> Path:
+    """Write a self-contained HTML page with the comparison table and one bar chart per key metric."""
+    run_dirs = [Path(p) for p in run_dirs]
+    header, rows, values = _compare_rows(run_dirs)
+    names = _run_names(run_dirs)
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    def cell_class(i, text):
+        return "key" if i == 0 else ("missing" if text == "-" else "num")
+
+    body_rows = "".join("<tr>" + "".join(f'<td class="{cell_class(i, c)}">{_e(c)}</td>' for i, c in enumerate(row))
+                        + "</tr>" for row in rows)
+    parts = [f"<h1>omnivae: {len(run_dirs)} runs compared</h1>",
+             f'<div style="overflow-x:auto"><table id="compare"><thead><tr>{head}</tr></thead>'
+             f"<tbody>{body_rows}</tbody></table></div>"]
+    described = [k for k in header[1:] if k in METRICS]
+    if described:
+        items = "".join(f'<tr><td class="metric">{_e(k)}</td><td class="desc">{_e(METRICS[k])}</td></tr>'
+                        for k in described)
+        parts.append(f"<h2>What the columns mean</h2><table><tbody>{items}</tbody></table>")
+    charts = [k for k in KEY_METRICS if any(_is_number(v.get(k)) for v in values)]
+    if charts:
+        parts.append('<h2>Key metrics</h2><div class="charts">')
+        with tempfile.TemporaryDirectory() as tmp:
+            for key in charts:
+                numbers = [v.get(key) if _is_number(v.get(key)) else None for v in values]
+                pixel_key = PIXEL_BASELINE.get(key)
+                pixels = [v[pixel_key] for v in values if _is_number(v.get(pixel_key))]
+                # A dashed reference line: the raw-pixel baseline, else the seed document's number.
+                reference, label = None, ""
+                if pixels:
+                    reference, label = pixels[0], "raw pixels"
+                elif key in SEED_DOCUMENT:
+                    reference, label = SEED_DOCUMENT[key], "seed document"
+                png = bar_chart(names, numbers, Path(tmp) / f"{key}.png", title=key, reference=reference,
+                                reference_label=label)
+                parts.append(f'<figure><img src="{_png_data_uri(png)}" alt="{_e(key)}">'
+                             f"<figcaption><code>{_e(key)}</code>: {_e(METRICS[key])}</figcaption></figure>")
+        parts.append("</div>")
+    path = Path(path)
+    with atomic_write(path) as tmp_path:
+        tmp_path.write_text(_page("omnivae: runs compared", "\n".join(parts)), encoding="utf-8")
+    return path

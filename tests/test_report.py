@@ -1,0 +1,203 @@
+"""The run report is one self-contained, escaped HTML file; compare tables runs side by side."""
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from omnivae import plots, report
+from omnivae.config import make_config
+
+METRICS = {
+    "split": "evaluation",
+    "kl_total": 41.25,
+    "kl_content": 30.5,
+    "kl_style": 10.75,
+    "content_kmeans_accuracy": 0.61234,
+    "content_nmi": 0.87654,
+    "pixel_kmeans_accuracy": 0.21,
+    "pixel_nmi": 0.55,
+    "content_20way_1shot": 0.912,
+    "style_20way_1shot": 0.08,
+    "pixel_20way_1shot": 0.43,
+    "nll_iwae": 95.4321,
+    "nll_k": 64,
+    "prior_mmd2_content": 0.000123,
+    "mystery_number": 7.5,
+}
+FIGURE_NAMES = ["reconstructions.png", "swap.png", "tsne_content_characters.png", "training_curves.png", "extra_plot.png"]
+
+
+def make_run(root, name="run_a", metrics=METRICS, figures=True, train_seconds=754.2):
+    """A run folder like training and evaluation leave behind, with small figures."""
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    config = make_config("quick").to_dict()
+    config["device"] = "<script>alert('x')</script>"  # Config.validate does not check device; written raw
+    (run_dir / "config.json").write_text(json.dumps(config))
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    records = [dict(epoch=e, seconds=1.5, recon=120.0 / e, val_recon=125.0 / e, content=3.0 / e) for e in (1, 2)]
+    (run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + "not json\n")
+    run_info = dict(device="cpu", hardware="x86_64", cpu_threads=2, torch="2.x", images_per_second=1234.5)
+    if train_seconds is not None:
+        run_info["train_seconds"] = train_seconds
+    (run_dir / "run.json").write_text(json.dumps(run_info))
+    if figures:
+        figures_dir = run_dir / "figures"
+        rng = np.random.default_rng(0)
+        images = (rng.random((8, 28, 28)) > 0.8).astype(np.float32)
+        plots.reconstruction_grid(images, images * 0.5, figures_dir / "reconstructions.png", ncols=4)
+        plots.swap_grid(images[:2], images[2:5], rng.random((2, 3, 28, 28)), figures_dir / "swap.png")
+        plots.tsne_plot(rng.normal(size=(50, 2)), rng.integers(0, 5, 50), figures_dir / "tsne_content_characters.png", "content")
+        plots.training_curves(records, figures_dir / "training_curves.png")
+        plots.image_grid(images, figures_dir / "extra_plot.png")
+    return run_dir
+
+
+def test_report_holds_metrics_baselines_and_seed_numbers(tmp_path):
+    run_dir = make_run(tmp_path)
+    path = report.write_report(run_dir)
+    assert path == run_dir / "report.html"
+    page = path.read_text()
+    assert "run_a" in page
+    metrics_table = re.search(r'<table id="metrics">.*?</table>', page, re.S).group(0)
+    for value in ("41.2500", "0.6123", "0.8765", "0.9120", "95.4321", "0.000123", ">64<"):
+        assert value in metrics_table, value
+    # Raw-pixel baselines sit in the same rows as the metrics they compare with.
+    row = re.search(r"<tr><td class=\"metric\">content_kmeans_accuracy</td>.*?</tr>", metrics_table).group(0)
+    assert "0.6123" in row and "0.2100" in row and "0.0017" in row
+    row = re.search(r"<tr><td class=\"metric\">kl_total</td>.*?</tr>", metrics_table).group(0)
+    assert "41.2500" in row and "63.1432" in row
+    assert html_escape(report.METRICS["content_nmi"]) in row or html_escape(report.METRICS["kl_total"]) in row
+    # Unknown keys are shown apart; training facts and config are there.
+    assert "mystery_number" in page and "7.5000" in page
+    assert "12 min 34 s" in page and "1,234 images/s" in page and "2 of 2" in page
+
+
+def html_escape(text):
+    import html
+
+    return html.escape(text, quote=True)
+
+
+def test_report_is_self_contained_and_escaped(tmp_path):
+    run_dir = make_run(tmp_path)
+    page = report.write_report(run_dir).read_text()
+    images = re.findall(r"<img[^>]*>", page)
+    assert len(images) == len(FIGURE_NAMES)
+    assert all('src="data:image/png;base64,' in tag for tag in images)
+    for name in FIGURE_NAMES:
+        assert name in page
+    # Known figures come in their order, unknown ones after.
+    positions = [page.index(f"<code>{name}</code>") for name in FIGURE_NAMES]
+    assert positions == sorted(positions)
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+    assert "<link" not in page and "<script" not in page
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
+    assert not list(run_dir.glob("*.tmp")) and not list(run_dir.glob(".*.tmp"))
+
+
+def test_report_of_a_bare_run_folder(tmp_path):
+    run_dir = tmp_path / "bare"
+    run_dir.mkdir()
+    page = report.write_report(run_dir).read_text()
+    assert "No metrics.json" in page and "63.1432" in page and "<img" not in page
+
+
+def test_format_value():
+    assert report.format_value(0.61234) == "0.6123"
+    assert report.format_value(63.1432) == "63.1432"
+    assert report.format_value(0.000123) == "0.000123"
+    assert report.format_value(64) == "64"
+    assert report.format_value(None) == "-"
+    assert report.format_seconds(3723) == "1 h 02 min"
+    assert report.format_seconds(12.34) == "12.3 s"
+
+
+def test_compare_formats(tmp_path):
+    a = make_run(tmp_path, "run_a", figures=False)
+    b = make_run(tmp_path, "run_b", metrics={"kl_total": 50.0, "content_nmi": 0.5}, figures=False, train_seconds=None)
+    markdown = report.compare([a, b], fmt="markdown").strip().splitlines()
+    assert len(markdown) == 4  # header, rule, one row per run
+    header = [c.strip() for c in markdown[0].strip("|").split("|")]
+    assert header[0] == "run" and header[-1] == "train_seconds"
+    assert header[1:-1] == [k for k in report.METRICS if k in METRICS]  # METRICS order, known keys only
+    assert markdown[2].startswith("| run_a |") and markdown[3].startswith("| run_b |")
+
+    rows = list(csv.DictReader(io.StringIO(report.compare([a, b], fmt="csv"))))
+    assert [r["run"] for r in rows] == ["run_a", "run_b"]
+    assert rows[0]["content_kmeans_accuracy"] == "0.6123" and rows[1]["content_kmeans_accuracy"] == "-"
+    assert rows[1]["kl_total"] == "50.0000" and rows[1]["train_seconds"] == "-"
+    assert rows[0]["train_seconds"] == "754.2"
+
+    table = report.compare([a, b]).splitlines()
+    assert table[0].split()[0] == "run" and len(table) == 4
+    with pytest.raises(ValueError):
+        report.compare([a], fmt="xml")
+
+
+def test_compare_page(tmp_path):
+    a = make_run(tmp_path, "run_a", figures=False)
+    b = make_run(tmp_path, "run_b", metrics={"kl_total": 50.0}, figures=False)
+    page = report.write_compare_page([a, b], tmp_path / "compare.html").read_text()
+    assert '<table id="compare">' in page and "run_a" in page and "run_b" in page
+    images = re.findall(r"<img[^>]*>", page)
+    assert images and all('src="data:image/png;base64,' in tag for tag in images)
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+
+
+# ----------------------------------------------------------------------------- in a real browser
+
+
+def find_chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None
+
+
+@pytest.mark.browser
+def test_report_renders_in_headless_chromium(tmp_path):
+    chromium = find_chromium()
+    if chromium is None:
+        if os.environ.get("OMNIVAE_REQUIRE_BROWSER") == "1":
+            pytest.fail("OMNIVAE_REQUIRE_BROWSER=1 but no chromium found")
+        pytest.skip("chromium not installed")
+    run_dir = make_run(tmp_path)
+    page = report.write_report(run_dir)
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-dev-shm-usage", "--hide-scrollbars"]
+    url = page.resolve().as_uri()
+
+    dom = subprocess.run(flags + [f"--user-data-dir={tmp_path / 'profile-dom'}", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=60)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    metrics_table = re.search(r'<table id="metrics">.*?</table>', dom.stdout, re.S)
+    assert metrics_table is not None
+    for value in ("41.2500", "0.6123", "63.1432", "0.0017"):
+        assert value in metrics_table.group(0)
+    images = re.findall(r"<img[^>]*>", dom.stdout)
+    assert len(images) == len(FIGURE_NAMES) and all('src="data:image/png;base64,' in t for t in images)
+    assert "<script>alert" not in dom.stdout  # the escaped config value stayed text
+
+    shot = tmp_path / "shot.png"
+    result = subprocess.run(flags + [f"--user-data-dir={tmp_path / 'profile-shot'}", f"--screenshot={shot}",
+                                     "--window-size=1280,4000", url], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and shot.exists(), result.stderr[-2000:]
+    with Image.open(shot) as image:
+        pixels = np.asarray(image.convert("RGB")).astype(int)
+    assert pixels.shape[0] >= 1000 and pixels.shape[1] >= 1000
+    colours = np.unique(pixels.reshape(-1, 3) // 16, axis=0)
+    assert len(colours) > 20, "screenshot looks blank"
+    dark = pixels.max(-1) < 60
+    assert dark.mean() > 0.001  # text and the ink of the figures
+    # The figures are drawn: some rows far down the page (below the tables) hold dark ink.
+    assert dark[pixels.shape[0] // 3:].any(axis=1).sum() > 100
