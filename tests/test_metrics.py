@@ -153,13 +153,13 @@ def test_prior_match_known_answers():
     rng = np.random.default_rng(0)
     d = 8
     codes = rng.normal(size=(4000, d))
-    matched = metrics.prior_match(codes, seed=1, max_points=1500)
-    assert matched["points"] == 1500
+    matched = metrics.prior_match(codes, seed=1, max_points=1000)
+    assert matched["points"] == 1000
     floor = abs(matched["mmd2_floor"]) + 1e-4
     assert abs(matched["mmd2"]) < 5 * floor
     assert matched["gaussian_kl"] < 0.05
 
-    shifted = metrics.prior_match(codes + 2.0, seed=1, max_points=1500)
+    shifted = metrics.prior_match(codes + 2.0, seed=1, max_points=1000)
     assert shifted["mmd2"] > 100 * floor
     assert shifted["gaussian_kl"] == pytest.approx(0.5 * d * 4, abs=0.3)  # 1/2 |mu|^2 = 16
 
@@ -168,7 +168,7 @@ def test_prior_match_known_answers():
     assert collapsed["gaussian_kl"] == math.inf
 
     # Deterministic for a seed.
-    assert metrics.prior_match(codes, seed=1, max_points=1500) == matched
+    assert metrics.prior_match(codes, seed=1, max_points=1000) == matched
 
 
 def test_fitted_gaussian_kl_exact():
@@ -309,11 +309,11 @@ def _four_shapes(n_per_class=32, size=28, seed=0):
 
 def test_train_classifier_learns_four_shapes():
     images, labels = _four_shapes()
-    classifier = metrics.train_classifier(images, labels, epochs=4, seed=0, batch_size=32)
+    classifier = metrics.train_classifier(images, labels, epochs=4, seed=0, batch_size=32, channels=16)
     test_images, test_labels = _four_shapes(seed=1)
     assert metrics.classifier_accuracy(classifier, test_images, test_labels) == 1.0
     assert set(classifier.predict(test_images)) == {11, 12, 13, 14}
-    again = metrics.train_classifier(images, labels, epochs=4, seed=0, batch_size=32)
+    again = metrics.train_classifier(images, labels, epochs=4, seed=0, batch_size=32, channels=16)
     for p, q in zip(classifier.parameters(), again.parameters()):
         assert torch.equal(p, q)
     assert classifier.label_index([12, 99]).tolist() == [1, -1]
@@ -325,7 +325,7 @@ def test_swap_consistency_pipeline():
     torch.manual_seed(0)
     images, labels = _four_shapes(n_per_class=8)
     model = StructuredVAE(make_config("default", dict(channels=4, hidden=16, content_dim=4, style_dim=2)))
-    classifier = metrics.train_classifier(images, labels, epochs=1, seed=0)
+    classifier = metrics.train_classifier(images, labels, epochs=1, seed=0, channels=8)
     result = metrics.swap_consistency(model, classifier, images, labels, pairs=50, seed=0, batch_size=20)
     assert set(result) >= {"swap_consistency", "style_character_rate", "reconstruction_accuracy", "real_accuracy"}
     assert all(0.0 <= result[k] <= 1.0 for k in ("swap_consistency", "style_character_rate"))
