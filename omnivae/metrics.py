@@ -372,14 +372,21 @@ class CharacterClassifier(nn.Module):
 
     Three conv blocks (3x3 conv, batch norm, ReLU; max-pooling between them), then
     AdaptiveAvgPool2d to 3x3 so any image side (28, 32, 64, 105) gives the same head, then
-    a linear layer over the characters. The label space is the sorted raw character ids
-    given at construction (kept as a buffer, so it is saved in the state dict); `forward`
-    returns logits over their indices 0..C-1 and `predict` maps the argmax back to raw ids.
+    a linear layer over the characters.
+
+    Label space: `classes` is either the number of classes C (labels are then the indices
+    0..C-1, e.g. `np.unique(character, return_inverse=True)[1]`) or an array of the raw
+    character ids to tell apart (their sorted unique values). The ids are kept as a buffer,
+    saved in the state dict; `forward` returns logits over indices 0..C-1 and `predict` maps
+    the argmax back to the ids, so labels and predictions are always in the same space.
     """
 
-    def __init__(self, character_ids, channels: int = 32):
+    def __init__(self, classes, channels: int = 32):
         super().__init__()
-        ids = torch.as_tensor(np.unique(_as_numpy(character_ids)).astype(np.int64))  # (C,) sorted
+        if np.ndim(classes) == 0:
+            ids = torch.arange(int(classes))  # (C,) labels are indices
+        else:
+            ids = torch.as_tensor(np.unique(_as_numpy(classes)).astype(np.int64))  # (C,) sorted raw ids
         self.register_buffer("character_ids", ids)
 
         def block(cin, cout):
@@ -417,7 +424,10 @@ class CharacterClassifier(nn.Module):
 
 def train_classifier(images, labels, epochs: int = 10, seed: int = 0, device="cpu", progress: bool = False,
                      batch_size: int = 256, lr: float = 1e-3, channels: int = 32) -> CharacterClassifier:
-    """Train a CharacterClassifier on images with raw character ids `labels`.
+    """Train a CharacterClassifier on images with integer labels (raw ids or indices 0..C-1).
+
+    The label space is the sorted unique `labels` (see CharacterClassifier); every image must
+    later be judged with labels in that same space.
 
     Adam, cross-entropy, `epochs` passes in batches of 256 shuffled by a numpy generator;
     weights initialised under torch.manual_seed(seed) in a forked RNG state, so the global
@@ -491,7 +501,8 @@ def swap_consistency(model, classifier: CharacterClassifier, images, character, 
       reconstruction_accuracy: the classifier on decode(content A, style A), the ceiling a
         swap can reach given the decoder's blur;
       real_accuracy: the classifier on all the real `images`, its own ceiling.
-    character: raw character ids (N,), in the classifier's label space.
+    character: (N,) labels in the classifier's label space (raw ids, or indices when the
+    classifier was trained on indices).
     """
     images = _as_images(images)
     character = _as_numpy(character).ravel()

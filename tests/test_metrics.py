@@ -333,3 +333,13 @@ def test_swap_consistency_pipeline():
     a, b = metrics._different_character_pairs(labels, 500, np.random.default_rng(0))
     assert np.all(labels[a] != labels[b])
     assert metrics.swap_consistency(model, classifier, images, labels, pairs=50, seed=0, batch_size=20) == result
+
+
+def test_classifier_on_indices_reloads_from_a_class_count():
+    images, labels = _four_shapes(n_per_class=8)
+    _, index = np.unique(labels, return_inverse=True)  # 0..3
+    trained = metrics.train_classifier(images, index, epochs=1, seed=0, channels=8)
+    reloaded = metrics.CharacterClassifier(4, channels=8)
+    reloaded.load_state_dict(trained.state_dict())
+    assert np.array_equal(reloaded.eval().predict(images), trained.predict(images))
+    assert set(np.unique(trained.predict(images))) <= {0, 1, 2, 3}
