@@ -6,7 +6,7 @@
     drawings = model.decode(content, style)       # pixel probabilities
 """
 from .config import Config, make_config
-from .train import load, train
+from .train import load
 
 __version__ = "0.1.0"
-__all__ = ["Config", "make_config", "load", "train", "__version__"]
+__all__ = ["Config", "make_config", "load", "__version__"]

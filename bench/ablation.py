@@ -1,0 +1,149 @@
+"""Train several variants x seeds with the same budget and print one table of their metrics.
+
+    python bench/ablation.py --out runs/ablation --epochs 10 --seeds 0 1 2 \
+        --variant kl:content_regularizer=kl,style_regularizer=kl \
+        --variant mmd:content_regularizer=mmd,style_regularizer=mmd
+
+Each variant is NAME:KEY=VALUE,KEY=VALUE applied on top of --preset. Every run is a normal
+run folder (config.json, weights, log.jsonl, metrics.json), so `omnivae compare` and
+`omnivae report` work on them too. `--quick-eval` measures only the code-structure metrics
+(few-shot, clustering, prior match; no likelihood, swap or figures), for sweeps.
+The table is what the script printed: mean and spread (sample standard deviation) over seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+COLUMNS = [
+    ("content_20way_1shot", "20-way 1-shot"),
+    ("content_5way_1shot", "5-way 1-shot"),
+    ("style_20way_1shot", "style leakage"),
+    ("content_kmeans_accuracy", "k-means acc"),
+    ("content_nmi", "NMI"),
+    ("swap_consistency", "swap"),
+    ("nll_iwae", "NLL (nats)"),
+    ("prior_mmd2_content", "MMD2 content"),
+    ("prior_mmd2_style", "MMD2 style"),
+    ("kl_total", "per-image KL"),
+    ("train_seconds", "train s"),
+]
+
+
+def quick_metrics(run_dir: Path, data_dir, cache_dir) -> dict:
+    """Few-shot, clustering and prior match of the codes on the evaluation set, nothing else."""
+    from omnivae import data, load, metrics
+    from omnivae.evaluate import encode_all
+
+    model = load(run_dir, "cuda" if __import__("torch").cuda.is_available() else "cpu")
+    test = data.load_set("evaluation", model.image_size, data_dir, cache_dir, progress=False)
+    codes = encode_all(model, test.tensors())
+    out = metrics.per_image_kl(codes["content_mean"], codes["content_logvar"], codes["style_mean"], codes["style_logvar"])
+    for part in ("content", "style"):
+        mean = codes[f"{part}_mean"]
+        out[f"{part}_20way_1shot"] = metrics.few_shot_accuracy(mean, test.character, test.alphabet, test.drawer, 20, 1000, 0)
+        out[f"prior_mmd2_{part}"] = metrics.prior_match(mean, seed=0)["mmd2"]
+    out["content_5way_1shot"] = metrics.few_shot_accuracy(codes["content_mean"], test.character, test.alphabet, test.drawer, 5, 1000, 0)
+    scores = metrics.kmeans_scores(codes["content_mean"], test.character, seed=0)
+    out["content_kmeans_accuracy"], out["content_nmi"] = scores["accuracy"], scores["nmi"]
+    (run_dir / "metrics.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def one_run(job: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    from omnivae.config import make_config
+    from omnivae.evaluate import evaluate
+    from omnivae.train import train
+
+    run_dir = Path(job["run_dir"])
+    if not (run_dir / "metrics.json").exists():
+        if not (run_dir / "model.safetensors").exists():
+            cfg = make_config(job["preset"], {**job["overrides"], "seed": job["seed"], "epochs": job["epochs"]})
+            train(cfg, run_dir, job["data_dir"], job["cache_dir"], progress=False)
+        if job["quick"]:
+            quick_metrics(run_dir, job["data_dir"], job["cache_dir"])
+        else:
+            evaluate(run_dir, job["data_dir"], job["cache_dir"], figures=False, progress=False, nll_k=job["nll_k"])
+    result = json.loads((run_dir / "metrics.json").read_text())
+    result["train_seconds"] = json.loads((run_dir / "run.json").read_text())["train_seconds"]
+    return {"variant": job["variant"], "seed": job["seed"], **result}
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    name, _, settings = text.partition(":")
+    overrides = dict(item.split("=", 1) for item in settings.split(",") if item)
+    return name, overrides
+
+
+def table(rows: list[dict]) -> str:
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    present = [(k, label) for k, label in COLUMNS if any(k in r for r in rows)]
+    lines = ["| variant | seeds | " + " | ".join(label for _, label in present) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in present) + " |"]
+    for v in variants:
+        mine = [r for r in rows if r["variant"] == v]
+        cells = []
+        for key, _ in present:
+            values = np.array([r[key] for r in mine if key in r], dtype=float)
+            if len(values) == 0:
+                cells.append("-")
+            elif len(values) == 1:
+                cells.append(f"{values[0]:.3g}")
+            else:
+                cells.append(f"{values.mean():.3g} ± {values.std(ddof=1):.2g}")
+        lines.append(f"| {v} | {len(mine)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="folder for the run folders and results.jsonl")
+    p.add_argument("--preset", default="default")
+    p.add_argument("--variant", action="append", required=True, help="NAME:KEY=VALUE,... (repeatable)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, required=True, help="same budget for every run")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="torch threads per run")
+    p.add_argument("--quick-eval", action="store_true", help="code-structure metrics only")
+    p.add_argument("--nll-k", type=int, default=1000)
+    p.add_argument("--data-dir")
+    p.add_argument("--cache-dir")
+    args = p.parse_args(argv)
+
+    jobs = []
+    for text in args.variant:
+        name, overrides = parse_variant(text)
+        for seed in args.seeds:
+            jobs.append(dict(variant=name, seed=seed, overrides=overrides, preset=args.preset, epochs=args.epochs,
+                             run_dir=str(args.out / f"{name}_seed{seed}"), threads=args.threads, quick=args.quick_eval,
+                             nll_k=args.nll_k, data_dir=args.data_dir, cache_dir=args.cache_dir))
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    rows = []
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for row in pool.map(one_run, jobs):
+            rows.append(row)
+            print(f"[{time.time() - started:.0f}s] {row['variant']} seed {row['seed']}: "
+                  f"20-way {row.get('content_20way_1shot', float('nan')):.3f}, "
+                  f"style {row.get('style_20way_1shot', float('nan')):.3f}", flush=True)
+    with open(args.out / "results.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    print(f"\n{args.preset} preset, {args.epochs} epochs, seeds {args.seeds}:\n")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
