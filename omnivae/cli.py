@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -28,6 +29,7 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nll-k", type=int, default=1000, help="importance samples per image for the likelihood; 0 skips it (default 1000)")
     p.add_argument("--nll-images", type=int, default=1000, help="test images used for the likelihood, 0 = all (default 1000)")
     p.add_argument("--episodes", type=int, default=1000, help="few-shot episodes per test (default 1000)")
+    p.add_argument("--swap-pairs", type=int, default=2000, help="pairs for swap consistency, 0 skips it (default 2000)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
 
 
@@ -46,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    sub.add_parser = functools.partial(sub.add_parser, parents=[quiet])
 
     p = sub.add_parser("fetch", help="download (or find) the Omniglot zips and decode them")
     _data_options(p)
@@ -153,7 +158,8 @@ def run(args: argparse.Namespace) -> None:
 
         run_dir = args.run_dir if args.command == "evaluate" else args.out
         results = evaluate(run_dir, args.data_dir, args.cache_dir, subset=args.subset, nll_k=args.nll_k,
-                           nll_images=args.nll_images, episodes=args.episodes, figures=not args.no_figures,
+                           nll_images=args.nll_images, episodes=args.episodes, swap_pairs=args.swap_pairs,
+                           figures=not args.no_figures,
                            progress=progress)
         _print_metrics(results)
         if args.command == "evaluate":

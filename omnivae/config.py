@@ -136,7 +136,7 @@ PRESETS: dict[str, dict] = {
                     epochs=20),
     # More compute: wider network, a per-sample KL that keeps wide runs stable. For a GPU.
     "large": dict(group_size=4, groups=32, contrastive_weight=100.0, style_regularizer="kl", style_weight=3.0,
-                  channels=64, hidden=512, sample_kl=0.01, epochs=30),
+                  channels=64, hidden=512, sample_kl=0.01, epochs=60),
 }
 
 

@@ -181,7 +181,7 @@ def make_figures(run_dir: Path, model, test: omni_data.Omniglot, codes: dict, se
     plots.image_grid(generate.sample(model, 64, seed), out / "samples.png", ncols=8)
 
     # Swap: 6 characters (one drawing each) x 6 hands (drawings of other characters).
-    chars = rng.choice(np.unique(test.character), 12, replace=False)
+    chars = rng.choice(np.unique(test.character), 12, replace=len(np.unique(test.character)) < 12)
     first = np.array([np.flatnonzero(test.character == c)[0] for c in chars])
     content_images, style_images = images[first[:6]], images[first[6:]]
     plots.swap_grid(content_images, style_images, generate.swap(model, content_images, style_images), out / "swap.png")
@@ -217,7 +217,8 @@ def make_figures(run_dir: Path, model, test: omni_data.Omniglot, codes: dict, se
 def _readable_characters(test: omni_data.Omniglot, count: int, seed: int) -> np.ndarray:
     """`count` characters from two alphabets (10 each by default), so that colours stay distinguishable."""
     rng = np.random.default_rng(seed)
-    alphabets = rng.choice(np.unique(test.alphabet), 2, replace=False)
+    present = np.unique(test.alphabet)
+    alphabets = rng.choice(present, min(2, len(present)), replace=False)
     chosen = []
     for alphabet in alphabets:
         chars = np.unique(test.character[test.alphabet == alphabet])

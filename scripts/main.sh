@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The main job on a fresh machine: install, get the data, train the default preset,
+# evaluate it, write the report. Extra arguments go to `omnivae run` (e.g. --preset quick).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/omnivae run --preset default --out "${RUN_DIR:-runs/default}" "$@"
