@@ -74,7 +74,8 @@ def one_run(job: dict) -> dict:
         if job["quick"]:
             quick_metrics(run_dir, job["data_dir"], job["cache_dir"])
         else:
-            evaluate(run_dir, job["data_dir"], job["cache_dir"], figures=False, progress=False, nll_k=job["nll_k"])
+            evaluate(run_dir, job["data_dir"], job["cache_dir"], figures=False, progress=False, nll_k=job["nll_k"],
+                     nll_images=job["nll_images"], swap_pairs=job["swap_pairs"])
     result = json.loads((run_dir / "metrics.json").read_text())
     result["train_seconds"] = json.loads((run_dir / "run.json").read_text())["train_seconds"]
     return {"variant": job["variant"], "seed": job["seed"], **result}
@@ -116,7 +117,9 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="torch threads per run")
     p.add_argument("--quick-eval", action="store_true", help="code-structure metrics only")
-    p.add_argument("--nll-k", type=int, default=1000)
+    p.add_argument("--nll-k", type=int, default=1000, help="importance samples for the likelihood")
+    p.add_argument("--nll-images", type=int, default=1000, help="test images for the likelihood")
+    p.add_argument("--swap-pairs", type=int, default=2000, help="pairs for swap consistency")
     p.add_argument("--data-dir")
     p.add_argument("--cache-dir")
     args = p.parse_args(argv)
@@ -127,7 +130,7 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             jobs.append(dict(variant=name, seed=seed, overrides=overrides, preset=args.preset, epochs=args.epochs,
                              run_dir=str(args.out / f"{name}_seed{seed}"), threads=args.threads, quick=args.quick_eval,
-                             nll_k=args.nll_k, data_dir=args.data_dir, cache_dir=args.cache_dir))
+                             nll_k=args.nll_k, nll_images=args.nll_images, swap_pairs=args.swap_pairs, data_dir=args.data_dir, cache_dir=args.cache_dir))
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     rows = []
