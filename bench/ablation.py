@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="torch threads per run")
     p.add_argument("--quick-eval", action="store_true", help="code-structure metrics only")
     p.add_argument("--nll-k", type=int, default=1000, help="importance samples for the likelihood")
-    p.add_argument("--nll-images", type=int, default=1000, help="test images for the likelihood")
+    p.add_argument("--nll-images", type=int, default=500, help="test images for the likelihood")
     p.add_argument("--swap-pairs", type=int, default=2000, help="pairs for swap consistency")
     p.add_argument("--data-dir")
     p.add_argument("--cache-dir")

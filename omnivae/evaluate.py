@@ -93,7 +93,7 @@ def evaluate(
     cache_dir=None,
     subset: int | None = None,
     nll_k: int = 1000,
-    nll_images: int = 1000,
+    nll_images: int = 500,
     episodes: int = 1000,
     swap_pairs: int = 2000,
     figures: bool = True,
