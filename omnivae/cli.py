@@ -26,10 +26,12 @@ def _data_options(p: argparse.ArgumentParser) -> None:
 
 def _eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subset", type=int, help="evaluate on this many test images (fixed random choice) for a quick look")
-    p.add_argument("--nll-k", type=int, default=1000, help="importance samples per image for the likelihood; 0 skips it (default 1000)")
-    p.add_argument("--nll-images", type=int, default=500, help="test images used for the likelihood (a fixed subset), 0 = all (default 500)")
-    p.add_argument("--episodes", type=int, default=1000, help="few-shot episodes per test (default 1000)")
-    p.add_argument("--swap-pairs", type=int, default=2000, help="pairs for swap consistency, 0 skips it (default 2000)")
+    p.add_argument("--nll-k", type=int, help="importance samples per image for the likelihood; 0 skips it "
+                   "(default: the run's config, 1000 in most presets)")
+    p.add_argument("--nll-images", type=int, help="test images used for the likelihood (a fixed subset), 0 = all "
+                   "(default: the run's config, 500 in most presets)")
+    p.add_argument("--episodes", type=int, help="few-shot episodes per test (default: the run's config, 1000)")
+    p.add_argument("--swap-pairs", type=int, help="pairs for swap consistency, 0 skips it (default: the run's config, 2000)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
 
 

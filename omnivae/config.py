@@ -57,6 +57,10 @@ class Config:
     # --- evaluation
     eval_seed: int = 0  # seed of every random choice in evaluation
     tsne_characters: int = 20  # characters in the labelled t-SNE plot
+    nll_k: int = 1000  # importance samples per image for the likelihood; 0 skips it
+    nll_images: int = 500  # test images (a fixed subset) for the likelihood; 0 means all
+    episodes: int = 1000  # episodes per few-shot test
+    swap_pairs: int = 2000  # image pairs for swap consistency; 0 skips it
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -126,7 +130,7 @@ def _coerce(cls, key: str, value):
 PRESETS: dict[str, dict] = {
     # Smoke test: a few minutes end to end on 2 CPU cores.
     "quick": dict(epochs=2, channels=16, hidden=128, group_size=4, groups=16, contrastive_weight=100.0,
-                  style_regularizer="kl", style_weight=3.0),
+                  style_regularizer="kl", style_weight=3.0, nll_k=200, nll_images=200, episodes=300, swap_pairs=500),
     # The seed document's design: two heads, concatenated, MMD, no grouping, no labels.
     "seed": dict(content_regularizer="mmd", style_regularizer="mmd", group_size=1, epochs=10),
     # The best configuration so far; what the README's main command trains. Grouped batches

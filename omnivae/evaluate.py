@@ -92,10 +92,10 @@ def evaluate(
     data_dir=None,
     cache_dir=None,
     subset: int | None = None,
-    nll_k: int = 1000,
-    nll_images: int = 500,
-    episodes: int = 1000,
-    swap_pairs: int = 2000,
+    nll_k: int | None = None,
+    nll_images: int | None = None,
+    episodes: int | None = None,
+    swap_pairs: int | None = None,
     figures: bool = True,
     device: str = "auto",
     progress: bool = True,
@@ -103,12 +103,17 @@ def evaluate(
     """Evaluate a trained run on the evaluation set; writes RUN_DIR/metrics.json and figures.
 
     subset: evaluate on that many test images (a fixed random choice) for a quick look.
-    nll_k: importance samples per image for the likelihood (0 skips it); nll_images: how many
-    test images it uses (a fixed subset; 0 means all).
+    nll_k, nll_images, episodes, swap_pairs: the evaluation budget; None takes the run's config
+    value (see Config): importance samples per image for the likelihood (0 skips it), test
+    images it uses (a fixed subset; 0 means all), few-shot episodes, swap pairs (0 skips it).
     """
     started = time.time()
     run_dir = Path(run_dir)
     cfg = Config.load(run_dir / "config.json")
+    nll_k = cfg.nll_k if nll_k is None else nll_k
+    nll_images = cfg.nll_images if nll_images is None else nll_images
+    episodes = cfg.episodes if episodes is None else episodes
+    swap_pairs = cfg.swap_pairs if swap_pairs is None else swap_pairs
     model = load(run_dir, str(resolve_device(device)))
     seed = cfg.eval_seed
     test = omni_data.load_set("evaluation", cfg.image_size, data_dir, cache_dir, progress=progress)

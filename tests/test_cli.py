@@ -69,6 +69,13 @@ def test_cli_smoke_run_on_tiny_data(tmp_path, tiny_sets, capsys):
     html = (run / "report.html").read_text()
     assert 'id="metrics"' in html and "data:image/png;base64," in html
 
+    # Evaluation is deterministic for a run folder: a second evaluation gives the same numbers.
+    assert cli.main(["--quiet", "evaluate", str(run), "--nll-k", "5", "--nll-images", "10", "--episodes", "20",
+                     "--swap-pairs", "20", "--no-figures", *common]) == 0
+    again = json.loads((run / "metrics.json").read_text())
+    metrics.pop("eval_seconds"), again.pop("eval_seconds")
+    assert again == metrics
+
     # Generation commands on upstream-style PNGs.
     pngs = tmp_path / "pngs"
     pngs.mkdir()
