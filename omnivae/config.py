@@ -40,6 +40,7 @@ class Config:
     temperature: float = 0.1  # temperature of the contrastive term
     style_adversary_weight: float = 0.0  # gradient-reversal character classifier on the style code
     cross_weight: float = 0.0  # cross-reconstruction: content of one drawing, style of another of the same character
+    rotations: bool = False  # characters turned by 90, 180, 270 degrees count as new training characters
     # --- adversarial regulariser (adversarial autoencoder)
     disc_hidden: int = 256  # width of the discriminator's hidden layers
     disc_lr: float = 2e-4  # learning rate of the discriminator

@@ -188,6 +188,19 @@ def batches(cfg: Config, labels: np.ndarray, epoch: int):
     return [order[i : i + cfg.batch_size] for i in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size)]
 
 
+def rotate_as_new_characters(x: torch.Tensor, label: torch.Tensor, group_size: int):
+    """Turn each group of drawings by a random multiple of 90 degrees and count each turn as a
+    new character (label * 4 + turns), which quadruples the training characters as in
+    Vinyals et al. 2016 ("Matching Networks for One Shot Learning", section 4.1.1).
+    x: (B, 1, S, S), label: (B,); a group is `group_size` consecutive rows (1: every row)."""
+    turns = torch.randint(0, 4, (len(x) // group_size,), device=x.device).repeat_interleave(group_size)  # (B,)
+    x = x.clone()
+    for k in (1, 2, 3):
+        rows = turns == k
+        x[rows] = torch.rot90(x[rows], k, dims=(2, 3))
+    return x, label * 4 + turns
+
+
 def learning_rate(cfg: Config, progress: float) -> float:
     """Cosine decay from lr to lr * lr_min_ratio over training (progress in [0, 1])."""
     low = cfg.lr * cfg.lr_min_ratio
@@ -229,7 +242,7 @@ def train(
     images, label = train_set.tensors().to(device), torch.as_tensor(label, device=device)  # (N, 1, S, S), (N,)
     val_images = val_set.tensors().to(device)
 
-    parts = build_parts(cfg, len(classes), device)
+    parts = build_parts(cfg, len(classes) * (4 if cfg.rotations else 1), device)
     start = load_state(run_dir, parts, device) if resume else 0
     steps_per_epoch = len(batches(cfg, train_set.character, 0))
     started = time.time()
@@ -243,7 +256,10 @@ def train(
                 group["lr"] = learning_rate(cfg, done / cfg.epochs)
             ramp = min(1.0, done / cfg.warmup_epochs) if cfg.warmup_epochs > 0 else 1.0
             idx = torch.as_tensor(idx, device=device)
-            terms = train_step(parts, cfg, images[idx], label[idx], ramp)
+            x, y = images[idx], label[idx]
+            if cfg.rotations:
+                x, y = rotate_as_new_characters(x, y, cfg.group_size)
+            terms = train_step(parts, cfg, x, y, ramp)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items() if k in ("recon", "content", "style", "contrastive")})

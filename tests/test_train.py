@@ -130,3 +130,18 @@ def test_structured_training_puts_the_factors_in_the_right_halves(tmp_path, synt
     # The drawer's position lives in the style code: neighbours in style share the position
     # far more often than neighbours in content do.
     assert nearest_neighbour_accuracy(style, position) > 2 * nearest_neighbour_accuracy(content, position)
+
+
+def test_rotations_turn_whole_groups_and_make_new_labels():
+    from omnivae.train import rotate_as_new_characters
+
+    torch.manual_seed(0)
+    x = torch.zeros(8, 1, 5, 5)
+    x[:, 0, 0, 1] = 1.0  # a mark near the top-left corner shows the turn
+    label = torch.tensor([3, 3, 5, 5, 7, 7, 9, 9])
+    turned, new_label = rotate_as_new_characters(x, label, group_size=2)
+    turns = new_label - label * 4
+    assert ((0 <= turns) & (turns < 4)).all() and len(set(turns.tolist())) > 1
+    assert torch.equal(turns[0::2], turns[1::2])  # one turn per group
+    for i in range(8):
+        torch.testing.assert_close(turned[i], torch.rot90(x[i], int(turns[i]), dims=(1, 2)))
