@@ -128,10 +128,9 @@ def train_step(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, 
         loss = loss + cfg.style_adversary_weight * terms["style_adversary"]
     if cfg.cross_weight > 0:
         # Content of each drawing with the style of the next drawing of its group -> that next drawing.
-        q = model.posterior(x)  # per-drawing posteriors
         style = out.style.view(-1, M, cfg.style_dim).roll(1, dims=1).reshape(-1, cfg.style_dim)  # (B, Ds)
         target = x.view(-1, M, *x.shape[1:]).roll(1, dims=1).reshape(x.shape)
-        terms["cross"] = bernoulli_nll(model.decode_logits(q.content_mean, style), target)
+        terms["cross"] = bernoulli_nll(model.decode_logits(out.drawing_content_mean, style), target)
         loss = loss + cfg.cross_weight * terms["cross"]
 
     parts.optimizer.zero_grad(set_to_none=True)
