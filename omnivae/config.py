@@ -131,17 +131,19 @@ def _coerce(cls, key: str, value):
 PRESETS: dict[str, dict] = {
     # Smoke test: a few minutes end to end on 2 CPU cores.
     "quick": dict(epochs=2, channels=16, hidden=128, group_size=4, groups=16, contrastive_weight=100.0,
-                  style_regularizer="kl", style_weight=3.0, nll_k=200, nll_images=200, episodes=300, swap_pairs=500),
+                  style_regularizer="kl", style_weight=3.0, rotations=True, nll_k=200, nll_images=200, episodes=300,
+                  swap_pairs=500),
     # The seed document's design: two heads, concatenated, MMD, no grouping, no labels.
     "seed": dict(content_regularizer="mmd", style_regularizer="mmd", group_size=1, epochs=10),
     # The best configuration so far; what the README's main command trains. Grouped batches
     # with a product-of-Gaussians content posterior, a strong supervised contrastive term on
-    # content means, and a KL bottleneck (weight 3) on style so it cannot carry the character.
+    # content means, a KL bottleneck (weight 3) on style so it cannot carry the character, and
+    # turned characters as extra training characters.
     "default": dict(group_size=4, groups=32, contrastive_weight=100.0, style_regularizer="kl", style_weight=3.0,
-                    epochs=20),
+                    rotations=True, epochs=20),
     # More compute: wider network, a per-sample KL that keeps wide runs stable. For a GPU.
     "large": dict(group_size=4, groups=32, contrastive_weight=100.0, style_regularizer="kl", style_weight=3.0,
-                  channels=64, hidden=512, sample_kl=0.01, epochs=60),
+                  rotations=True, channels=64, hidden=512, sample_kl=0.01, epochs=60),
 }
 
 
