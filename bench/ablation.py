@@ -39,21 +39,16 @@ COLUMNS = [
 
 
 def quick_metrics(run_dir: Path, data_dir, cache_dir) -> dict:
-    """Few-shot, clustering and prior match of the codes on the evaluation set, nothing else."""
-    from omnivae import data, load, metrics
-    from omnivae.evaluate import encode_all
+    """The code-structure metrics of `omnivae evaluate` (few-shot, clustering, prior match, KL)
+    on the evaluation set, without likelihood, swaps or figures."""
+    import torch
 
-    model = load(run_dir, "cuda" if __import__("torch").cuda.is_available() else "cpu")
+    from omnivae import data, load
+    from omnivae.evaluate import code_metrics, encode_all
+
+    model = load(run_dir, "cuda" if torch.cuda.is_available() else "cpu")
     test = data.load_set("evaluation", model.image_size, data_dir, cache_dir, progress=False)
-    codes = encode_all(model, test.tensors())
-    out = metrics.per_image_kl(codes["content_mean"], codes["content_logvar"], codes["style_mean"], codes["style_logvar"])
-    for part in ("content", "style"):
-        mean = codes[f"{part}_mean"]
-        out[f"{part}_20way_1shot"] = metrics.few_shot_accuracy(mean, test.character, test.alphabet, test.drawer, 20, 1000, 0)
-        out[f"prior_mmd2_{part}"] = metrics.prior_match(mean, seed=0)["mmd2"]
-    out["content_5way_1shot"] = metrics.few_shot_accuracy(codes["content_mean"], test.character, test.alphabet, test.drawer, 5, 1000, 0)
-    scores = metrics.kmeans_scores(codes["content_mean"], test.character, seed=0)
-    out["content_kmeans_accuracy"], out["content_nmi"] = scores["accuracy"], scores["nmi"]
+    out = code_metrics(encode_all(model, test.tensors()), test, model.cfg.eval_seed, model.cfg.episodes)
     (run_dir / "metrics.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
 

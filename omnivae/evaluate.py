@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from . import data as omni_data
 from . import generate, metrics, plots
 from .config import Config
-from .train import load, resolve_device
+from .train import load, resolve_device, write_text_atomic
 
 TSNE_POINTS = 4000  # drawings in the by-alphabet t-SNE maps
 SPLIT = "test: evaluation set (20 unseen alphabets, 659 characters); swap consistency: background set, held-out drawers"
@@ -32,9 +32,7 @@ def encode_all(model, images: torch.Tensor, batch: int = 1024) -> dict[str, np.n
 
 
 def _atomic_json(path: Path, values: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(values, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(values, indent=2) + "\n")
 
 
 def pixel_baseline(test: omni_data.Omniglot, seed: int, cache_dir, episodes: int) -> dict:
@@ -87,6 +85,24 @@ def judge(cfg: Config, background: omni_data.Omniglot, cache_dir, device, progre
     return classifier.eval()
 
 
+def code_metrics(codes: dict, test: omni_data.Omniglot, seed: int, episodes: int) -> dict:
+    """Metrics of the codes alone: per-image KL, and per part k-means accuracy and NMI,
+    few-shot accuracy (20-way for both parts, 5-way for content) and prior match."""
+    results = metrics.per_image_kl(codes["content_mean"], codes["content_logvar"], codes["style_mean"], codes["style_logvar"])
+    for part in ("content", "style"):
+        scores = metrics.kmeans_scores(codes[f"{part}_mean"], test.character, seed=seed)
+        results[f"{part}_kmeans_accuracy"], results[f"{part}_nmi"] = scores["accuracy"], scores["nmi"]
+        for ways in (20, 5) if part == "content" else (20,):
+            results[f"{part}_{ways}way_1shot"] = metrics.few_shot_accuracy(
+                codes[f"{part}_mean"], test.character, test.alphabet, test.drawer, ways, episodes, seed
+            )
+        match = metrics.prior_match(codes[f"{part}_mean"], seed=seed)
+        results[f"prior_mmd2_{part}"] = match["mmd2"]
+        results[f"prior_mmd2_floor_{part}"] = match["mmd2_floor"]
+        results[f"prior_gaussian_kl_{part}"] = match["gaussian_kl"]
+    return results
+
+
 def evaluate(
     run_dir,
     data_dir=None,
@@ -128,19 +144,8 @@ def evaluate(
 
     codes = encode_all(model, images)
     results = {"split": SPLIT, "test_images": len(test)}
-    results.update(metrics.per_image_kl(codes["content_mean"], codes["content_logvar"], codes["style_mean"], codes["style_logvar"]))
     done("encoded")
-    for part in ("content", "style"):
-        scores = metrics.kmeans_scores(codes[f"{part}_mean"], test.character, seed=seed)
-        results[f"{part}_kmeans_accuracy"], results[f"{part}_nmi"] = scores["accuracy"], scores["nmi"]
-        for ways in (20, 5) if part == "content" else (20,):
-            results[f"{part}_{ways}way_1shot"] = metrics.few_shot_accuracy(
-                codes[f"{part}_mean"], test.character, test.alphabet, test.drawer, ways, episodes, seed
-            )
-        match = metrics.prior_match(codes[f"{part}_mean"], seed=seed)
-        results[f"prior_mmd2_{part}"] = match["mmd2"]
-        results[f"prior_mmd2_floor_{part}"] = match["mmd2_floor"]
-        results[f"prior_gaussian_kl_{part}"] = match["gaussian_kl"]
+    results.update(code_metrics(codes, test, seed, episodes))
     done("clusters, few-shot, prior match")
     results.update(pixel_baseline(test, seed, cache_dir, episodes))
     done("pixel baseline")

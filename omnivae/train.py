@@ -286,7 +286,7 @@ def write_run_info(run_dir: Path, device: torch.device, seconds: float, images: 
         "train_seconds": round(seconds, 1),
         "images_per_second": round(images / max(seconds, 1e-9), 1),
     }
-    _atomic_write_text(run_dir / "run.json", json.dumps(info, indent=2) + "\n")
+    write_text_atomic(run_dir / "run.json", json.dumps(info, indent=2) + "\n")
 
 
 def cpu_name() -> str:
@@ -302,7 +302,8 @@ def cpu_name() -> str:
     return f"{name}, {os.cpu_count()} cores"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -12,7 +12,7 @@ from omnivae.train import build_parts, load_state, train, train_step
 
 def tiny_config(**overrides):
     values = dict(channels=4, hidden=32, content_dim=4, style_dim=2, groups=4, group_size=4, epochs=1,
-                  contrastive_weight=1.0, device="cpu")
+                  contrastive_weight=1.0, rotations=False, device="cpu")
     values.update(overrides)
     return make_config("quick", values)
 
