@@ -8,5 +8,6 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
+# TORCH_SPEC may hold pip options too, e.g. "torch==2.13.0 --index-url URL", hence no quotes.
+.venv/bin/python -m pip install --quiet ${TORCH_SPEC:-torch==2.13.0}
 .venv/bin/python -m pip install --quiet -e ".[test]"
