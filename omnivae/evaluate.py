@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -61,10 +60,9 @@ def pixel_baseline(test: omni_data.Omniglot, seed: int, cache_dir, episodes: int
 JUDGE_EPOCHS, JUDGE_CHANNELS = 5, 16  # about 80 s on 2 CPU cores at 28 px, once per cache folder
 
 
-def judge(cfg: Config, background: omni_data.Omniglot, cache_dir, device, progress: bool):
+def judge(cfg: Config, train_set: omni_data.Omniglot, cache_dir, device, progress: bool):
     """The character classifier that judges swaps, trained once on the background set's training
-    drawers and cached by image size, drawers and seed (weights only, safetensors)."""
-    train_set, _ = omni_data.split_by_drawer(background, cfg.val_drawers)
+    drawers (`train_set`) and cached by image size, drawers and seed (weights only, safetensors)."""
     ids = np.unique(train_set.character)
     cache_dir = Path(cache_dir or omni_data.default_cache_dir())
     drawers = "-".join(map(str, cfg.val_drawers))
@@ -76,10 +74,8 @@ def judge(cfg: Config, background: omni_data.Omniglot, cache_dir, device, progre
     classifier = metrics.train_classifier(train_set.tensors(), train_set.character, epochs=JUDGE_EPOCHS,
                                           seed=cfg.eval_seed, device=device, progress=progress, channels=JUDGE_CHANNELS)
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.cpu().contiguous() for k, v in classifier.state_dict().items()}, str(tmp))
-        os.replace(tmp, path)
+        with plots.atomic_write(path) as tmp:
+            save_file({k: v.cpu().contiguous() for k, v in classifier.state_dict().items()}, str(tmp))
     except OSError:
         pass  # a read-only cache only costs retraining
     return classifier.eval()
@@ -152,8 +148,8 @@ def evaluate(
 
     if swap_pairs:
         background = omni_data.load_set("background", cfg.image_size, data_dir, cache_dir, progress=progress)
-        classifier = judge(cfg, background, cache_dir, model.device, progress)
-        _, held_out = omni_data.split_by_drawer(background, cfg.val_drawers)
+        train_set, held_out = omni_data.split_by_drawer(background, cfg.val_drawers)
+        classifier = judge(cfg, train_set, cache_dir, model.device, progress)
         swap = metrics.swap_consistency(model, classifier, held_out.tensors(), held_out.character, pairs=swap_pairs, seed=seed)
         results.update(swap_consistency=swap["swap_consistency"], style_character_rate=swap["style_character_rate"],
                        recon_consistency=swap["reconstruction_accuracy"], classifier_accuracy=swap["real_accuracy"])
