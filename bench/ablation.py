@@ -4,7 +4,10 @@
         --variant kl:content_regularizer=kl,style_regularizer=kl \
         --variant mmd:content_regularizer=mmd,style_regularizer=mmd
 
-Each variant is NAME:KEY=VALUE,KEY=VALUE applied on top of --preset. Every run is a normal
+Each variant is NAME:KEY=VALUE,KEY=VALUE applied on top of --preset. Runs train without the
+validation alphabets (val_holdout=true) and are scored on them: every choice is made there.
+`--split evaluation` trains on all 30 background alphabets and scores on the evaluation set:
+for the final numbers of a chosen preset only. Every run is a normal
 run folder (config.json, weights, log.jsonl, metrics.json), so `omnivae compare` and
 `omnivae report` work on them too. `--quick-eval` measures only the code-structure metrics
 (few-shot, clustering, prior match; no likelihood, swap or figures), for sweeps.
@@ -38,17 +41,20 @@ COLUMNS = [
 ]
 
 
-def quick_metrics(run_dir: Path, data_dir, cache_dir) -> dict:
+def quick_metrics(run_dir: Path, data_dir, cache_dir, split: str) -> dict:
     """The code-structure metrics of `omnivae evaluate` (few-shot, clustering, prior match, KL)
-    on the evaluation set, without likelihood, swaps or figures."""
+    on the split, without likelihood, swaps or figures."""
     import torch
 
-    from omnivae import data, load
-    from omnivae.evaluate import code_metrics, encode_all
+    from omnivae import load
+    from omnivae.config import Config
+    from omnivae.evaluate import PROTOCOL_VERSION, code_metrics, encode_all, load_split
 
+    cfg = Config.load(run_dir / "config.json")
     model = load(run_dir, "cuda" if torch.cuda.is_available() else "cpu")
-    test = data.load_set("evaluation", model.image_size, data_dir, cache_dir, progress=False)
-    out = code_metrics(encode_all(model, test.tensors()), test, model.cfg.eval_seed, model.cfg.episodes)
+    test = load_split(cfg, split, data_dir, cache_dir, progress=False)
+    out = {"protocol_version": PROTOCOL_VERSION, "split": split}
+    out.update(code_metrics(encode_all(model, test.tensors()), test, cfg.eval_seed, cfg.episodes))
     (run_dir / "metrics.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
 
@@ -64,13 +70,15 @@ def one_run(job: dict) -> dict:
     run_dir = Path(job["run_dir"])
     if not (run_dir / "metrics.json").exists():
         if not (run_dir / "model.safetensors").exists():
-            cfg = make_config(job["preset"], {**job["overrides"], "seed": job["seed"], "epochs": job["epochs"]})
+            holdout = job["split"] == "validation"
+            cfg = make_config(job["preset"], {**job["overrides"], "seed": job["seed"], "epochs": job["epochs"],
+                                              "val_holdout": holdout})
             train(cfg, run_dir, job["data_dir"], job["cache_dir"], progress=False)
         if job["quick"]:
-            quick_metrics(run_dir, job["data_dir"], job["cache_dir"])
+            quick_metrics(run_dir, job["data_dir"], job["cache_dir"], job["split"])
         else:
             evaluate(run_dir, job["data_dir"], job["cache_dir"], figures=False, progress=False, nll_k=job["nll_k"],
-                     nll_images=job["nll_images"], swap_pairs=job["swap_pairs"])
+                     nll_images=job["nll_images"], swap_pairs=job["swap_pairs"], split=job["split"])
     result = json.loads((run_dir / "metrics.json").read_text())
     result["train_seconds"] = json.loads((run_dir / "run.json").read_text())["train_seconds"]
     return {"variant": job["variant"], "seed": job["seed"], **result}
@@ -112,6 +120,10 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="torch threads per run")
     p.add_argument("--quick-eval", action="store_true", help="code-structure metrics only")
+    p.add_argument("--split", choices=("validation", "evaluation"), default="validation",
+                   help="validation (default): train without the validation alphabets and score on them; "
+                   "evaluation: train on all 30 background alphabets and score on the evaluation set, "
+                   "for the final numbers of a chosen preset only")
     p.add_argument("--nll-k", type=int, help="importance samples for the likelihood (default: the preset's)")
     p.add_argument("--nll-images", type=int, help="test images for the likelihood (default: the preset's)")
     p.add_argument("--swap-pairs", type=int, help="pairs for swap consistency (default: the preset's)")
@@ -124,8 +136,8 @@ def main(argv=None) -> int:
         name, overrides = parse_variant(text)
         for seed in args.seeds:
             jobs.append(dict(variant=name, seed=seed, overrides=overrides, preset=args.preset, epochs=args.epochs,
-                             run_dir=str(args.out / f"{name}_seed{seed}"), threads=args.threads, quick=args.quick_eval,
-                             nll_k=args.nll_k, nll_images=args.nll_images, swap_pairs=args.swap_pairs, data_dir=args.data_dir, cache_dir=args.cache_dir))
+                             run_dir=str(args.out / (f"{name}_seed{seed}" + ("_final" if args.split == "evaluation" else ""))), threads=args.threads, quick=args.quick_eval,
+                             split=args.split, nll_k=args.nll_k, nll_images=args.nll_images, swap_pairs=args.swap_pairs, data_dir=args.data_dir, cache_dir=args.cache_dir))
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     rows = []
@@ -138,7 +150,7 @@ def main(argv=None) -> int:
     with open(args.out / "results.jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    print(f"\n{args.preset} preset, {args.epochs} epochs, seeds {args.seeds}:\n")
+    print(f"\n{args.preset} preset, {args.epochs} epochs, seeds {args.seeds}, scored on the {args.split} split:\n")
     print(table(rows))
     return 0
 

@@ -33,6 +33,9 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--episodes", type=int, help="few-shot episodes per test (default: the run's config, 1000)")
     p.add_argument("--swap-pairs", type=int, help="pairs for swap consistency, 0 skips it (default: the run's config, 2000)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
+    p.add_argument("--split", choices=("evaluation", "validation"), default="evaluation",
+                   help="evaluation: the 20 unseen alphabets, for the numbers you report; validation: the held-out "
+                   "background alphabets, for every choice (runs trained with --set val_holdout=true)")
 
 
 def _train_options(p: argparse.ArgumentParser) -> None:
@@ -161,8 +164,7 @@ def run(args: argparse.Namespace) -> None:
         run_dir = args.run_dir if args.command == "evaluate" else args.out
         results = evaluate(run_dir, args.data_dir, args.cache_dir, subset=args.subset, nll_k=args.nll_k,
                            nll_images=args.nll_images, episodes=args.episodes, swap_pairs=args.swap_pairs,
-                           figures=not args.no_figures,
-                           progress=progress)
+                           figures=not args.no_figures, progress=progress, split=args.split)
         _print_metrics(results)
         if args.command == "evaluate":
             print(f"wrote {run_dir / 'metrics.json'}")
@@ -174,7 +176,10 @@ def run(args: argparse.Namespace) -> None:
         print(f"wrote {write_report(run_dir)}")
         return
     if args.command == "compare":
-        from .report import compare, write_compare_page
+        from .report import compare, protocol_warnings, write_compare_page
+
+        for line in protocol_warnings(args.run_dirs):
+            print(f"omnivae: {line}", file=sys.stderr)
 
         print(compare(args.run_dirs, args.format))
         if args.html:

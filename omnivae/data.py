@@ -454,6 +454,23 @@ def split_by_drawer(data: Omniglot, val_drawers=(19, 20)) -> tuple[Omniglot, Omn
     return train, validation
 
 
+def split_by_alphabet(data: Omniglot, alphabets) -> tuple[Omniglot, Omniglot]:
+    """Split into (rest, held_out): held_out holds every drawing of the named alphabets.
+
+    Whole alphabets are held out, so the held-out characters are as unseen as those of the
+    evaluation set; every choice (sweeps, ablations, presets) is scored on them.
+    """
+    names = list(data.alphabet_names)
+    missing = [a for a in alphabets if a not in names]
+    if missing:
+        raise DataError(f"validation alphabets not in the data: {', '.join(missing)}")
+    chosen = np.isin(data.alphabet, [names.index(a) for a in alphabets])
+    rest, held_out = data.subset(~chosen), data.subset(chosen)
+    if len(rest) == 0:
+        raise DataError("holding out the validation alphabets leaves no training images")
+    return rest, held_out
+
+
 # ---------------------------------------------------------------------------------------------
 # Batches grouped by character
 

@@ -12,11 +12,18 @@ from tqdm.auto import tqdm
 
 from . import data as omni_data
 from . import generate, metrics, plots
-from .config import Config
+from .config import Config, ConfigError
 from .train import load, resolve_device, write_text_atomic
 
 TSNE_POINTS = 4000  # drawings in the by-alphabet t-SNE maps
-SPLIT = "test: evaluation set (20 unseen alphabets, 659 characters); swap consistency: background set, held-out drawers"
+# Version of the evaluation protocol, written into metrics.json: `omnivae compare` warns when
+# runs were measured under different versions. 2: Lake-style few-shot episodes, prior match
+# on sampled codes, one random stream per use, validation alphabets.
+PROTOCOL_VERSION = 2
+SPLITS = {  # what `split` evaluates on; swap consistency always uses the training characters' held-out drawers
+    "evaluation": "evaluation set (20 unseen alphabets, 659 characters)",
+    "validation": "validation alphabets (held out of the background set by val_holdout)",
+}
 
 
 @torch.no_grad()
@@ -32,6 +39,20 @@ def encode_all(model, images: torch.Tensor, batch: int = 1024) -> dict[str, np.n
 
 def _atomic_json(path: Path, values: dict) -> None:
     write_text_atomic(path, json.dumps(values, indent=2) + "\n")
+
+
+def load_split(cfg: Config, split: str, data_dir=None, cache_dir=None, progress: bool = True) -> omni_data.Omniglot:
+    """The images a run is scored on: the evaluation set, or the validation alphabets of a run
+    that never trained on them (cfg.val_holdout)."""
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split == "evaluation":
+        return omni_data.load_set("evaluation", cfg.image_size, data_dir, cache_dir, progress=progress)
+    if not cfg.val_holdout:
+        raise ConfigError("this run trained on the validation alphabets (val_holdout=false): score it on the "
+                          "evaluation set, or train with --set val_holdout=true")
+    background = omni_data.load_set("background", cfg.image_size, data_dir, cache_dir, progress=progress)
+    return omni_data.split_by_alphabet(background, cfg.val_alphabets)[1]
 
 
 def pixel_baseline(test: omni_data.Omniglot, seed: int, cache_dir, episodes: int) -> dict:
@@ -111,8 +132,13 @@ def evaluate(
     figures: bool = True,
     device: str = "auto",
     progress: bool = True,
+    split: str = "evaluation",
 ) -> dict:
     """Evaluate a trained run on the evaluation set; writes RUN_DIR/metrics.json and figures.
+
+    split: "evaluation" (the 20 unseen alphabets: the numbers to report, looked at once) or
+    "validation" (the background alphabets `val_alphabets`, for every choice; only for runs
+    trained with val_holdout=true, which never saw them).
 
     subset: evaluate on that many test images (a fixed random choice) for a quick look.
     nll_k, nll_images, episodes, swap_pairs: the evaluation budget; None takes the run's config
@@ -126,9 +152,9 @@ def evaluate(
     nll_images = cfg.nll_images if nll_images is None else nll_images
     episodes = cfg.episodes if episodes is None else episodes
     swap_pairs = cfg.swap_pairs if swap_pairs is None else swap_pairs
+    test = load_split(cfg, split, data_dir, cache_dir, progress)
     model = load(run_dir, str(resolve_device(device)))
     seed = cfg.eval_seed
-    test = omni_data.load_set("evaluation", cfg.image_size, data_dir, cache_dir, progress=progress)
     if subset and subset < len(test):
         test = test.subset(np.sort(np.random.default_rng(seed).choice(len(test), subset, replace=False)))
     images = test.tensors()  # (N, 1, S, S)
@@ -139,7 +165,8 @@ def evaluate(
         step.update()
 
     codes = encode_all(model, images)
-    results = {"split": SPLIT, "test_images": len(test)}
+    results = {"protocol_version": PROTOCOL_VERSION, "split": split, "split_description": SPLITS[split],
+               "test_images": len(test)}
     done("encoded")
     results.update(code_metrics(codes, test, seed, episodes))
     done("clusters, few-shot, prior match")
@@ -150,6 +177,8 @@ def evaluate(
         background = omni_data.load_set("background", cfg.image_size, data_dir, cache_dir, progress=progress)
         train_set, held_out = omni_data.split_by_drawer(background, cfg.val_drawers)
         classifier = judge(cfg, train_set, cache_dir, model.device, progress)
+        if cfg.val_holdout:  # swaps of the characters the model trained on, as for every run
+            held_out = omni_data.split_by_alphabet(held_out, cfg.val_alphabets)[0]
         swap = metrics.swap_consistency(model, classifier, held_out.tensors(), held_out.character, pairs=swap_pairs, seed=seed)
         results.update(swap_consistency=swap["swap_consistency"], style_character_rate=swap["style_character_rate"],
                        recon_consistency=swap["reconstruction_accuracy"], classifier_accuracy=swap["real_accuracy"])

@@ -94,12 +94,19 @@ def mmd(x: torch.Tensor, y: torch.Tensor, kernel: str = "imq", scales=DEFAULT_SC
 # discriminator with its own optimiser, so it lives in train.py, built from the functions below.
 
 
-def kl_regularizer(mean, logvar, codes, kernel="imq", sample_kl=0.0):
-    """Closed-form KL(q(z|x) || N(0, I)), mean over the batch (the ELBO's term)."""
-    return gaussian_kl(mean, logvar).mean()
+def kl_regularizer(mean, logvar, codes, kernel="imq", sample_kl=0.0, group_size=1):
+    """Closed-form KL(q(z|x) || N(0, I)) per image: the ELBO's term.
+
+    Each row stands for `group_size` images that share it (a grouped content posterior), so
+    the rows' KLs are summed and divided by the number of images, rows * group_size, as the
+    reconstruction term is: the per-image bound of the multi-level VAE (Bouchacourt et al.
+    2018, "Multi-Level Variational Autoencoder", eq. 4, averaged over the batch's images).
+    With weight beta the grouped content KL thus weighs beta / M per image.
+    """
+    return gaussian_kl(mean, logvar).mean() / group_size
 
 
-def mmd_regularizer(mean, logvar, codes, kernel="imq", sample_kl=0.0):
+def mmd_regularizer(mean, logvar, codes, kernel="imq", sample_kl=0.0, group_size=1):
     """MMD^2 between the codes and as many N(0, I) samples, plus a small per-sample KL.
 
     When `codes` are the posterior *means* this matches the aggregate posterior to the
@@ -107,11 +114,13 @@ def mmd_regularizer(mean, logvar, codes, kernel="imq", sample_kl=0.0):
     out like N(0, I), so every image cannot get the same code. When they are *sampled*
     codes (the seed design) the MMD is zero once every q(z|x) equals the prior, which lets
     the encoder collapse. `sample_kl` weighs a per-sample KL that keeps each q(z|x) a
-    proper Gaussian rather than a point.
+    proper Gaussian rather than a point; like `kl_regularizer` it is per image (divided by
+    `group_size`). The MMD compares two distributions, not a sum over images, so it keeps
+    its scale whatever the grouping.
     """
     loss = mmd(codes, torch.randn_like(codes), kernel)
     if sample_kl:
-        loss = loss + sample_kl * gaussian_kl(mean, logvar).mean()
+        loss = loss + sample_kl * gaussian_kl(mean, logvar).mean() / group_size
     return loss
 
 

@@ -123,6 +123,7 @@ figure img.grid { image-rendering: pixelated; }
 figcaption { color: #4a5161; font-size: 14px; margin-top: 6px; }
 figcaption code, p code { font-size: 13px; }
 .note { color: #7a8190; font-style: italic; }
+.warning { color: #8a4b00; background: #fff4e0; padding: 6px 10px; border-left: 3px solid #e0a040; }
 .charts { display: grid; grid-template-columns: repeat(auto-fill, minmax(420px, 1fr)); gap: 0 24px; }
 .charts figure { margin: 10px 0 20px; }
 """
@@ -415,6 +416,23 @@ def _compare_rows(run_dirs) -> tuple[list[str], list[list[str]], list[dict]]:
     return header, rows, values
 
 
+def protocol_warnings(run_dirs) -> list[str]:
+    """One line for each way the runs' metrics.json differ in what their numbers mean: the
+    evaluation protocol version (files without one are version 1) or the split they were
+    computed on. Runs without metrics.json are left out."""
+    run_dirs = [Path(p) for p in run_dirs]
+    found = {name: read_metrics(d) for name, d in zip(_run_names(run_dirs), run_dirs)}
+    found = {name: m for name, m in found.items() if m}
+    lines = []
+    for key, default, what in (("protocol_version", 1, "evaluation protocol versions"), ("split", None, "splits")):
+        seen = {name: m.get(key, default) for name, m in found.items()}
+        if len(set(map(str, seen.values()))) > 1:
+            listed = ", ".join(f"{name}: {value}" for name, value in seen.items())
+            lines.append(f"warning: these runs were measured under different {what} ({listed}); "
+                         "their numbers are not comparable")
+    return lines
+
+
 def compare(run_dirs, fmt: str = "table") -> str:
     """The metrics of several runs, one row per run: fmt "table" (aligned text), "markdown" or "csv".
 
@@ -454,7 +472,9 @@ def write_compare_page(run_dirs, path) -> Path:
 
     body_rows = "".join("<tr>" + "".join(f'<td class="{cell_class(i, c)}">{_e(c)}</td>' for i, c in enumerate(row))
                         + "</tr>" for row in rows)
-    parts = [f"<h1>omnivae: {len(run_dirs)} runs compared</h1>",
+    parts = [f"<h1>omnivae: {len(run_dirs)} runs compared</h1>"]
+    parts += [f'<p class="warning">{_e(line)}</p>' for line in protocol_warnings(run_dirs)]
+    parts += [
              f'<div style="overflow-x:auto"><table id="compare"><thead><tr>{head}</tr></thead>'
              f"<tbody>{body_rows}</tbody></table></div>"]
     described = [k for k in header[1:] if k in METRICS]

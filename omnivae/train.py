@@ -116,8 +116,11 @@ def train_step(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, 
         if name == "adversarial":
             terms[part] = generator_loss(parts.discriminators[part](codes))
         else:
-            terms[part] = REGULARIZERS[name](mean, logvar, codes, kernel=cfg.mmd_kernel, sample_kl=cfg.sample_kl)
-        terms[f"kl_{part}"] = gaussian_kl(mean, logvar).mean().detach()  # logged, whatever the regulariser
+            # Grouped content has one posterior per M drawings: its KL counts once per group (see losses).
+            rows_per = M if part == "content" else 1
+            terms[part] = REGULARIZERS[name](mean, logvar, codes, kernel=cfg.mmd_kernel, sample_kl=cfg.sample_kl,
+                                             group_size=rows_per)
+        terms[f"kl_{part}"] = gaussian_kl(mean, logvar).mean().detach()  # per posterior (one per group), logged whatever the regulariser
         loss = loss + ramp * weight * terms[part]
     if cfg.contrastive_weight > 0:
         terms["contrastive"] = supervised_contrastive(out.drawing_content_mean, label, cfg.temperature)
@@ -236,6 +239,8 @@ def train(
 
     if dataset is None:
         dataset = omni_data.load_set("background", cfg.image_size, data_dir, cache_dir, progress=progress)
+    if cfg.val_holdout:  # the validation alphabets never enter training
+        dataset = omni_data.split_by_alphabet(dataset, cfg.val_alphabets)[0]
     train_set, val_set = omni_data.split_by_drawer(dataset, cfg.val_drawers)
     classes, label = np.unique(train_set.character, return_inverse=True)
     images, label = train_set.tensors().to(device), torch.as_tensor(label, device=device)  # (N, 1, S, S), (N,)

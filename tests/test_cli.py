@@ -97,6 +97,31 @@ def test_cli_smoke_run_on_tiny_data(tmp_path, tiny_sets, capsys):
     assert "content_20way_1shot" in capsys.readouterr().out
 
 
+def test_validation_split_scores_held_out_alphabets_only(tmp_path, monkeypatch, capsys):
+    # Background: 2 alphabets x 20 characters, so the held-out alphabet supports 20-way episodes.
+    data_dir = tmp_path / "data"
+    make_tiny_omniglot(data_dir, "background", alphabets=2, characters=20, drawers=4)
+    monkeypatch.setattr(omni_data, "load_set", functools.partial(omni_data.load_set, check_counts=False))
+    common = ["--data-dir", str(data_dir), "--cache-dir", str(tmp_path / "cache")]
+    small = ["--set", "epochs=1", "--set", "val_drawers=4", "--set", "channels=4", "--set", "hidden=16",
+             "--set", "groups=2", "--set", "group_size=2"]
+    evaluate = ["--nll-k", "5", "--nll-images", "10", "--episodes", "20", "--swap-pairs", "20", "--no-figures"]
+    held = tmp_path / "held"
+    assert cli.main(["--quiet", "train", "--preset", "quick", "--out", str(held), *small, "--set", "val_holdout=true",
+                     "--set", "val_alphabets=Alphabet_01", *common]) == 0
+    assert cli.main(["--quiet", "evaluate", str(held), "--split", "validation", *evaluate, *common]) == 0
+    metrics = json.loads((held / "metrics.json").read_text())
+    assert metrics["split"] == "validation" and metrics["protocol_version"] == 2
+    assert metrics["test_images"] == 20 * 4  # every drawing of the held-out alphabet, nothing else
+
+    full = tmp_path / "full"
+    assert cli.main(["--quiet", "train", "--preset", "quick", "--out", str(full), *small, *common]) == 0
+    capsys.readouterr()
+    assert cli.main(["--quiet", "evaluate", str(full), "--split", "validation", *evaluate, *common]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("omnivae: error: this run trained on the validation alphabets") and "\n" not in err
+
+
 def test_resume_from_the_cli(tmp_path, tiny_sets):
     run = tmp_path / "run"
     common = ["--data-dir", str(tiny_sets), "--cache-dir", str(tmp_path / "cache")]

@@ -201,3 +201,17 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert dark.mean() > 0.001  # text and the ink of the figures
     # The figures are drawn: some rows far down the page (below the tables) hold dark ink.
     assert dark[pixels.shape[0] // 3:].any(axis=1).sum() > 100
+
+
+def test_compare_warns_when_protocols_or_splits_differ(tmp_path):
+    old = make_run(tmp_path, "old", metrics={"split": "evaluation", "content_nmi": 0.5}, figures=False)
+    new = make_run(tmp_path, "new", metrics={"protocol_version": 2, "split": "evaluation", "content_nmi": 0.6}, figures=False)
+    val = make_run(tmp_path, "val", metrics={"protocol_version": 2, "split": "validation", "content_nmi": 0.7}, figures=False)
+    assert report.protocol_warnings([new, new]) == []
+    [line] = report.protocol_warnings([old, new])
+    assert "different evaluation protocol versions (old: 1, new: 2)" in line
+    [line] = report.protocol_warnings([new, val])
+    assert "different splits (new: evaluation, val: validation)" in line
+    assert len(report.protocol_warnings([old, val])) == 2
+    page = report.write_compare_page([old, new], tmp_path / "compare.html").read_text()
+    assert 'class="warning"' in page and "protocol versions" in page

@@ -145,3 +145,45 @@ def test_rotations_turn_whole_groups_and_make_new_labels():
     assert torch.equal(turns[0::2], turns[1::2])  # one turn per group
     for i in range(8):
         torch.testing.assert_close(turned[i], torch.rot90(x[i], int(turns[i]), dims=(1, 2)))
+
+
+def test_grouped_content_kl_is_a_per_image_bound():
+    # Hand-computed: 2 groups of M = 4 drawings. Each group's content posterior is the product
+    # of its 4 Gaussians (precisions add, means are precision-weighted); its KL to N(0, I)
+    # counts once per group, so per image it is sum over groups / 8 images.
+    torch.manual_seed(0)
+    cfg = tiny_config(content_regularizer="kl", style_regularizer="kl", groups=2, content_weight=1.0)
+    parts = build_parts(cfg, classes=2, device=torch.device("cpu"))
+    x = torch.rand(8, 1, 28, 28)
+    with torch.no_grad():
+        q = parts.model.posterior(x)  # train-mode batch norm, as inside train_step
+    precision = (-q.content_logvar).exp().view(2, 4, -1)  # (G, M, Dc)
+    group_var = 1.0 / precision.sum(1)  # (G, Dc)
+    group_mean = group_var * (q.content_mean.view(2, 4, -1) * precision).sum(1)
+    group_kl = 0.5 * (group_mean**2 + group_var - group_var.log() - 1).sum(1)  # (G,)
+    style_kl = 0.5 * (q.style_mean**2 + q.style_logvar.exp() - q.style_logvar - 1).sum(1)  # (B,)
+    terms = train_step(parts, cfg, x, torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]))
+    assert terms["content"] == pytest.approx(float(group_kl.sum() / 8), rel=1e-5)
+    assert terms["kl_content"] == pytest.approx(float(group_kl.mean()), rel=1e-5)  # logged per posterior
+    assert terms["style"] == pytest.approx(float(style_kl.mean()), rel=1e-5)
+
+
+def test_validation_alphabets_never_enter_training(tmp_path, synthetic, monkeypatch):
+    import omnivae.train as train_module
+
+    seen = {}
+    real_split = train_module.omni_data.split_by_drawer
+
+    def spy(dataset, drawers):
+        seen["alphabets"] = {dataset.alphabet_names[a] for a in np.unique(dataset.alphabet)}
+        return real_split(dataset, drawers)
+
+    monkeypatch.setattr(train_module.omni_data, "split_by_drawer", spy)
+    names = synthetic.alphabet_names
+    cfg = tiny_config(val_holdout=True, val_alphabets=names[1])
+    train(cfg, tmp_path / "held", dataset=synthetic, progress=False)
+    assert seen["alphabets"] == {names[0]}
+    train(tiny_config(), tmp_path / "all", dataset=synthetic, progress=False)
+    assert seen["alphabets"] == set(names)
+    with pytest.raises(omnivae.data.DataError, match="validation alphabets not in the data: Nowhere"):
+        train(tiny_config(val_holdout=True, val_alphabets="Nowhere"), tmp_path / "bad", dataset=synthetic, progress=False)
