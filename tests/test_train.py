@@ -187,3 +187,21 @@ def test_validation_alphabets_never_enter_training(tmp_path, synthetic, monkeypa
     assert seen["alphabets"] == set(names)
     with pytest.raises(omnivae.data.DataError, match="validation alphabets not in the data: Nowhere"):
         train(tiny_config(val_holdout=True, val_alphabets="Nowhere"), tmp_path / "bad", dataset=synthetic, progress=False)
+
+
+def test_mmd_on_sampled_codes_collapses_where_mmd_on_means_does_not(tmp_path, synthetic):
+    # MMD between *sampled* codes and the prior is zero once every q(z|x) is N(0, I), so a
+    # strong weight drives the encoder there (the seed document's collapse); MMD on the
+    # posterior *means* asks the means themselves to spread like N(0, I).
+    spread = {}
+    for match in ("sample", "mean"):
+        cfg = make_config("seed", dict(channels=8, hidden=64, content_dim=4, style_dim=2, batch_size=32, epochs=15,
+                                       match_codes=match, content_weight=10.0, style_weight=10.0, seed=0,
+                                       device="cpu", val_drawers=(20,)))
+        model = omnivae.load(train(cfg, tmp_path / match, dataset=synthetic, progress=False))
+        with torch.no_grad():
+            q = model.posterior(synthetic.tensors())
+        spread[match] = float(q.content_mean.var(0).sum())  # total variance of the content means
+        if match == "sample":
+            assert float(q.content_logvar.exp().mean()) > 0.75  # posteriors close to the prior's unit variance
+    assert spread["sample"] < 0.5 < 2.0 < spread["mean"]
