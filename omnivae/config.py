@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+IMAGE_SIZES = (28, 32, 64, 105)  # image sides the data module decodes to
+
+
 class ConfigError(ValueError):
     """A bad preset name, key or value: the CLI prints the message alone."""
 
@@ -101,7 +104,7 @@ class Config:
             "mmd_kernel": ("imq", "rbf"),
             "match_codes": ("mean", "sample"),
             "grouping": ("product", "average"),
-            "image_size": (28, 32, 64, 105),
+            "image_size": IMAGE_SIZES,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

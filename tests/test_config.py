@@ -93,11 +93,16 @@ def test_missing_config_file(tmp_path):
 
 
 def test_config_module_imports_no_torch():
+    import os
     import subprocess
     import sys
+    from pathlib import Path
 
     code = "import sys, omnivae.config; print('torch' in sys.modules, 'numpy' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                         check=True).stdout
     assert out.split() == ["False", "False"]
 
 
