@@ -320,7 +320,7 @@ def _resume(args: argparse.Namespace) -> None:
             raise ConfigError(f"epochs={wanted.epochs} is fewer than the {finished} epochs {run_dir} has finished")
         print(f"resuming {run_dir} with epochs={wanted.epochs} (was {saved.epochs}); config.json updated")
     elif finished >= saved.epochs:
-        print(f"{run_dir} has already finished its {saved.epochs} epochs; nothing to train "
+        print(f"{run_dir} has already finished {finished}/{saved.epochs} epochs; nothing to train "
               "(add epochs with --set epochs=N)")
         return
     train(None, run_dir, args.data_dir, args.cache_dir, resume=True, progress=not args.quiet, epochs=wanted.epochs)

@@ -282,7 +282,7 @@ def test_resume_from_the_cli(tmp_path, tiny_sets, capsys):
     # Finished: says so, trains nothing, keeps run.json.
     info = (run / "run.json").read_text()
     assert cli.main(resume) == 0
-    assert capsys.readouterr().out.strip() == (f"{run} has already finished its 1 epochs; nothing to train "
+    assert capsys.readouterr().out.strip() == (f"{run} has already finished 1/1 epochs; nothing to train "
                                                "(add epochs with --set epochs=N)")
     assert (run / "run.json").read_text() == info
 
