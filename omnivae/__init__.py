@@ -6,7 +6,15 @@
     drawings = model.decode(content, style)       # pixel probabilities
 """
 from .config import Config, make_config
-from .train import load
 
 __version__ = "0.1.0"
 __all__ = ["Config", "make_config", "load", "__version__"]
+
+
+def __getattr__(name: str):
+    # `load` needs torch; importing it on first use keeps `import omnivae` (and the CLI's --help) light.
+    if name == "load":
+        from .train import load
+
+        return load
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

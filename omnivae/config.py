@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+
+IMAGE_SIZES = (28, 32, 64, 105)  # image sides the data module decodes to
 
 
 class ConfigError(ValueError):
@@ -85,7 +90,16 @@ class Config:
 
     @classmethod
     def load(cls, path: Path) -> "Config":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """A config.json file; keys it leaves out take the defaults above."""
+        try:
+            values = json.loads(Path(path).read_text())
+        except OSError as err:
+            raise ConfigError(f"cannot read {path} ({err.strerror})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{path} is not a JSON config ({err})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} is not a JSON config (expected an object of key: value)")
+        return cls.from_dict(values)
 
     def validate(self) -> None:
         choices = {
@@ -94,7 +108,7 @@ class Config:
             "mmd_kernel": ("imq", "rbf"),
             "match_codes": ("mean", "sample"),
             "grouping": ("product", "average"),
-            "image_size": (28, 32, 64, 105),
+            "image_size": IMAGE_SIZES,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -102,6 +116,29 @@ class Config:
         for key in ("content_dim", "style_dim", "channels", "hidden", "batch_size", "groups", "group_size", "epochs"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("disc_hidden", "disc_steps", "episodes"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("threads", "nll_k", "nll_images", "swap_pairs", "tsne_characters"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        floats = [f.name for f in dataclasses.fields(self) if typing.get_type_hints(type(self))[f.name] is float]
+        for key in floats:
+            value = getattr(self, key)
+            if not math.isfinite(value):
+                raise ConfigError(f"{key} must be a finite number, got {value}")
+            if key in ("lr", "disc_lr", "temperature") and value <= 0:
+                raise ConfigError(f"{key} must be > 0, got {value}")
+            if value < 0:
+                raise ConfigError(f"{key} must be >= 0, got {value}")
+        if self.lr_min_ratio > 1:
+            raise ConfigError(f"lr_min_ratio must be between 0 and 1, got {self.lr_min_ratio}")
+        if self.disc_label_smoothing >= 1:
+            raise ConfigError(f"disc_label_smoothing must be below 1, got {self.disc_label_smoothing}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if not self.val_drawers or any(not 1 <= d <= 20 for d in self.val_drawers):
+            raise ConfigError(f"val_drawers must be drawers 1..20, got {self.val_drawers}")
         if self.group_size == 1 and (self.cross_weight > 0):
             raise ConfigError("cross_weight needs group_size > 1 (pairs of drawings of one character)")
 
@@ -156,7 +193,16 @@ def make_config(preset: str = "default", overrides: list[str] | dict | None = No
     """The preset's config with `key=value` overrides (strings from the CLI, or a dict) applied."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    values = dict(PRESETS[preset])
+    return Config.from_dict(_merge(PRESETS[preset], overrides))
+
+
+def override(cfg: Config, overrides: list[str] | dict | None = None) -> Config:
+    """A copy of `cfg` with `key=value` overrides applied, validated like a preset's."""
+    return Config.from_dict(_merge(cfg.to_dict(), overrides))
+
+
+def _merge(values: dict, overrides: list[str] | dict | None) -> dict:
+    values = dict(values)
     if isinstance(overrides, dict):
         values.update(overrides)
     else:
@@ -165,4 +211,4 @@ def make_config(preset: str = "default", overrides: list[str] | dict | None = No
             if not sep:
                 raise ConfigError(f"override {item!r} is not key=value")
             values[key.strip()] = value.strip()
-    return Config.from_dict(values)
+    return values

@@ -290,6 +290,9 @@ def _decode(image: Image.Image, size: int, name: str) -> np.ndarray:
     if image.size != (SOURCE_SIZE, SOURCE_SIZE):  # checked on the header, before decoding pixels
         raise DataError(f"{name} is {image.size[0]}x{image.size[1]}, expected {SOURCE_SIZE}x{SOURCE_SIZE}")
     try:
+        if "A" in image.getbands() or "transparency" in image.info:
+            # Transparent pixels are paper: put the image on white before the alpha is dropped.
+            image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
         gray = image.convert("L").point(_INVERT)  # 1-bit -> 0/255, then ink = 255
     except (OSError, ValueError, SyntaxError) as err:
         raise DataError(f"{name} is not a readable PNG ({err})") from err

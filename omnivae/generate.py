@@ -9,6 +9,14 @@ import torch
 
 from .model import StructuredVAE
 
+BATCH = 256  # codes decoded at a time, so memory stays bounded however many drawings are asked for
+
+
+def _decode(model: StructuredVAE, content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+    """model.decode over (N, Dc) and (N, Ds) codes in batches of BATCH rows -> (N, 1, S, S) on the CPU."""
+    return torch.cat([model.decode(content[i : i + BATCH], style[i : i + BATCH]).cpu()
+                      for i in range(0, max(len(content), 1), BATCH)])
+
 
 def _prior(n: int, dim: int, seed: int, temperature: float = 1.0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
@@ -20,7 +28,7 @@ def sample(model: StructuredVAE, n: int = 64, seed: int = 0, temperature: float 
     """New characters in new styles: content and style both drawn from the prior N(0, I)."""
     content = _prior(n, model.content_dim, seed, temperature)
     style = _prior(n, model.style_dim, seed + 1, temperature)
-    return model.decode(content, style).cpu()  # (n, 1, S, S)
+    return _decode(model, content, style)  # (n, 1, S, S)
 
 
 @torch.no_grad()
@@ -29,8 +37,8 @@ def swap(model: StructuredVAE, content_images: torch.Tensor, style_images: torch
     content, _ = model.encode(content_images)  # (R, Dc)
     _, style = model.encode(style_images)  # (C, Ds)
     rows, cols = len(content), len(style)
-    grid = model.decode(content.repeat_interleave(cols, 0), style.repeat(rows, 1))  # (R * C, 1, S, S)
-    return grid.view(rows, cols, *grid.shape[1:]).cpu()
+    grid = _decode(model, content.repeat_interleave(cols, 0), style.repeat(rows, 1))  # (R * C, 1, S, S)
+    return grid.view(rows, cols, *grid.shape[1:])
 
 
 @torch.no_grad()
@@ -38,7 +46,7 @@ def one_shot(model: StructuredVAE, image: torch.Tensor, n: int = 16, seed: int =
     """From one drawing (1, S, S) of a possibly unseen character, n new drawings of it in sampled styles."""
     content, _ = model.encode(image.view(1, *image.shape[-3:]))  # (1, Dc)
     style = _prior(n, model.style_dim, seed, temperature)
-    return model.decode(content.expand(n, -1), style).cpu()  # (n, 1, S, S)
+    return _decode(model, content.expand(n, -1), style)  # (n, 1, S, S)
 
 
 @torch.no_grad()
@@ -55,4 +63,4 @@ def interpolate(model: StructuredVAE, first: torch.Tensor, second: torch.Tensor,
     t = torch.linspace(0, 1, steps, device=c0.device)[:, None]  # (T, 1)
     content = c0 + t * (c1 - c0) if part in ("content", "both") else c0.expand(steps, -1)
     style = s0 + t * (s1 - s0) if part in ("style", "both") else s0.expand(steps, -1)
-    return model.decode(content, style).cpu()
+    return _decode(model, content, style)  # (T, 1, S, S)

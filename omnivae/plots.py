@@ -227,10 +227,9 @@ def embed_tsne(codes, seed: int = 0) -> np.ndarray:
 
     t-SNE as in "Visualizing Data using t-SNE" (JMLR 2008), computed with openTSNE: PCA initialisation,
     random_state=seed, Barnes-Hut gradients below 10k points and FFT above, two threads (one
-    below 5k points, where starting threads costs more than it saves). Falls back to
-    scikit-learn's TSNE when openTSNE is not installed. Perplexity is 30, lowered to about N / 3
-    for small N; with N < 4 there is nothing to embed and the first two principal components
-    are returned.
+    below 5k points, where starting threads costs more than it saves). Perplexity is 30,
+    lowered to about N / 3 for small N; with N < 4 there is nothing to embed and the first two
+    principal components are returned.
     """
     if hasattr(codes, "detach"):
         codes = codes.detach().cpu().numpy()
@@ -248,12 +247,7 @@ def embed_tsne(codes, seed: int = 0) -> np.ndarray:
             out[:, :k] = u[:, :k] * s[:k]
         return out
     perplexity = float(min(30.0, max(1.0, (n - 1) / 3)))
-    try:
-        import openTSNE
-    except ImportError:
-        from sklearn.manifold import TSNE
-
-        return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(codes)
+    import openTSNE
     # Below ~10k points Barnes-Hut takes a fraction of a second where FFT takes many seconds.
     method = "bh" if n < 10_000 else "fft"
     jobs = 1 if n < 5_000 else 2

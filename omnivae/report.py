@@ -38,7 +38,6 @@ METRICS: dict[str, str] = {
     "content_5way_1shot": "5-way 1-shot nearest-neighbour classification with content means (higher is better; chance 0.2).",
     "style_20way_1shot": "Style leakage: 20-way 1-shot classification with style means (lower is better; chance 0.05).",
     "pixel_20way_1shot": "20-way 1-shot nearest-neighbour classification on raw pixels: the baseline.",
-    "pixel_5way_1shot": "5-way 1-shot nearest-neighbour classification on raw pixels: the baseline.",
     "swap_consistency": "Decode (content of A, style of B): how often an independent classifier names A's character (higher is better).",
     "style_character_rate": "Decode (content of A, style of B): how often the classifier names B's character (lower: less character in the style code).",
     "classifier_accuracy": "Accuracy of the character classifier that judges the swaps, on real held-out drawings: its own ceiling.",
@@ -64,7 +63,6 @@ PIXEL_BASELINE: dict[str, str] = {
     "style_nmi": "pixel_nmi",
     "content_20way_1shot": "pixel_20way_1shot",
     "style_20way_1shot": "pixel_20way_1shot",
-    "content_5way_1shot": "pixel_5way_1shot",
 }
 
 # The numbers the seed document reports, beside the metric each corresponds to.

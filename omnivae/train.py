@@ -1,6 +1,7 @@
 """Training: one loop, small helpers, atomic checkpoints that load without unpickling code."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -203,10 +204,20 @@ def rotate_as_new_characters(x: torch.Tensor, label: torch.Tensor, group_size: i
     return x, label * 4 + turns
 
 
-def learning_rate(cfg: Config, progress: float) -> float:
-    """Cosine decay from lr to lr * lr_min_ratio over training (progress in [0, 1])."""
-    low = cfg.lr * cfg.lr_min_ratio
-    return low + 0.5 * (cfg.lr - low) * (1 + math.cos(math.pi * min(progress, 1.0)))
+def lr_schedule(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int, done_steps: int = 0):
+    """Cosine decay of the learning rate from lr to lr * lr_min_ratio over `total_steps`, stepped
+    once per batch ("SGDR", Loshchilov & Hutter 2017, without restarts).
+
+    done_steps > 0 resumes it: the next step gets exactly the rate an uninterrupted run would use.
+    """
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.lr  # the rate the factor scales, also when resuming
+
+    def factor(step: int) -> float:
+        progress = min(step / max(total_steps, 1), 1.0)
+        return cfg.lr_min_ratio + 0.5 * (1 - cfg.lr_min_ratio) * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=done_steps - 1)
 
 
 def train(
@@ -217,21 +228,32 @@ def train(
     resume: bool = False,
     progress: bool = True,
     dataset: omni_data.Omniglot | None = None,
+    epochs: int | None = None,
 ) -> Path:
     """Train a model into run_dir (config.json, model.safetensors, train_state.pt, log.jsonl).
 
     With resume=True the run's own config.json is used and training continues from the
-    last finished epoch. `dataset` replaces the background set (tests use tiny data).
+    last finished epoch; `epochs` then sets a new total (written to config.json), and a run
+    that has finished its epochs is left as it is. `dataset` replaces the background set
+    (tests use tiny data).
     """
     run_dir = Path(run_dir)
     if resume:
         if not (run_dir / "config.json").exists():
             raise ConfigError(f"cannot resume: {run_dir} holds no config.json")
         cfg = Config.load(run_dir / "config.json")
+        if epochs is not None and epochs != cfg.epochs:
+            finished = finished_epochs(run_dir)
+            if epochs < finished:
+                raise ConfigError(f"epochs={epochs} is fewer than the {finished} epochs {run_dir} has finished")
+            cfg = dataclasses.replace(cfg, epochs=epochs)
+            cfg.validate()
     elif (run_dir / WEIGHTS).exists():
         raise ConfigError(f"{run_dir} already holds a trained run; use --resume or another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.json")
+    if resume and finished_epochs(run_dir) >= cfg.epochs:
+        return run_dir  # nothing left to train; run.json keeps the timing of the training that ran
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     if cfg.threads:
@@ -248,7 +270,8 @@ def train(
 
     parts = build_parts(cfg, len(classes) * (4 if cfg.rotations else 1), device)
     start = load_state(run_dir, parts, device) if resume else 0
-    steps_per_epoch = len(batches(cfg, train_set.character, 0))
+    steps_per_epoch = len(batches(cfg, train_set.character, 0))  # the same every epoch
+    schedule = lr_schedule(cfg, parts.optimizer, cfg.epochs * steps_per_epoch, start * steps_per_epoch)
     started = time.time()
     for epoch in range(start, cfg.epochs):
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # per-epoch seed: a resumed run repeats the same noise
@@ -256,14 +279,13 @@ def train(
         bar = tqdm(batches(cfg, train_set.character, epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
         for i, idx in enumerate(bar):
             done = epoch + i / steps_per_epoch
-            for group in parts.optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, done / cfg.epochs)
             ramp = min(1.0, done / cfg.warmup_epochs) if cfg.warmup_epochs > 0 else 1.0
             idx = torch.as_tensor(idx, device=device)
             x, y = images[idx], label[idx]
             if cfg.rotations:
                 x, y = rotate_as_new_characters(x, y, cfg.group_size)
             terms = train_step(parts, cfg, x, y, ramp)
+            schedule.step()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items() if k in ("recon", "content", "style", "contrastive")})
@@ -348,6 +370,14 @@ def load_state(run_dir: Path, parts: Parts, device) -> int:
     for name, opt in parts.optimizers().items():
         opt.load_state_dict(state[name])
     return int(state["epoch"])
+
+
+def finished_epochs(run_dir) -> int:
+    """Epochs a run folder's checkpoint holds; 0 when it has none yet."""
+    path = Path(run_dir) / STATE
+    if not path.exists():
+        return 0
+    return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
 
 
 def load(run_dir, device: str = "cpu") -> StructuredVAE:

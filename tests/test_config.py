@@ -1,8 +1,9 @@
 import json
+import re
 
 import pytest
 
-from omnivae.config import PRESETS, Config, ConfigError, make_config
+from omnivae.config import PRESETS, Config, ConfigError, make_config, override
 
 
 def test_every_preset_builds_and_validates():
@@ -19,17 +20,90 @@ def test_overrides_are_typed():
     assert cfg.val_drawers == (18, 19, 20)
 
 
-@pytest.mark.parametrize("override, words", [
+@pytest.mark.parametrize("overrides, words", [
     (["epochs=two"], "epochs expects int"),
     (["epochs=1.5"], "epochs expects int"),
     (["nonsense=1"], "unknown config keys: nonsense"),
     (["content_regularizer=vq"], "content_regularizer must be one of"),
     (["epochs"], "not key=value"),
     (["content_dim=0"], "content_dim must be >= 1"),
+    (["lr=nan"], "lr must be a finite number, got nan"),
+    (["lr=inf"], "lr must be a finite number, got inf"),
+    (["lr=-1"], "lr must be > 0, got -1.0"),
+    (["lr=0"], "lr must be > 0, got 0.0"),
+    (["disc_lr=0"], "disc_lr must be > 0, got 0.0"),
+    (["temperature=0"], "temperature must be > 0, got 0.0"),
+    (["temperature=-inf"], "temperature must be a finite number, got -inf"),
+    (["content_weight=-0.5"], "content_weight must be >= 0, got -0.5"),
+    (["style_weight=nan"], "style_weight must be a finite number, got nan"),
+    (["contrastive_weight=-1"], "contrastive_weight must be >= 0, got -1.0"),
+    (["sample_kl=inf"], "sample_kl must be a finite number, got inf"),
+    (["warmup_epochs=-1"], "warmup_epochs must be >= 0, got -1.0"),
+    (["lr_min_ratio=2"], "lr_min_ratio must be between 0 and 1, got 2.0"),
+    (["disc_label_smoothing=1"], "disc_label_smoothing must be below 1, got 1.0"),
+    (["device=banana"], "device must be auto, cpu, cuda or cuda:N, got 'banana'"),
+    (["device=cuda:x"], "device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
+    (["threads=-1"], "threads must be >= 0, got -1"),
+    (["nll_k=-1"], "nll_k must be >= 0, got -1"),
+    (["nll_images=-5"], "nll_images must be >= 0, got -5"),
+    (["swap_pairs=-1"], "swap_pairs must be >= 0, got -1"),
+    (["episodes=-1"], "episodes must be >= 1, got -1"),
+    (["episodes=0"], "episodes must be >= 1, got 0"),
+    (["val_drawers=0,21"], "val_drawers must be drawers 1..20"),
 ])
-def test_bad_overrides_raise_one_clear_error(override, words):
-    with pytest.raises(ConfigError, match=words):
-        make_config("quick", override)
+def test_bad_overrides_raise_one_clear_error(overrides, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        make_config("quick", overrides)
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
+def test_device_names_that_validate(device):
+    assert make_config("quick", [f"device={device}"]).device == device
+
+
+def test_zero_budgets_are_allowed_where_zero_skips():
+    cfg = make_config("quick", ["nll_k=0", "nll_images=0", "swap_pairs=0", "threads=0", "content_weight=0"])
+    assert cfg.nll_k == cfg.swap_pairs == 0
+
+
+def test_override_starts_from_a_config_and_validates():
+    base = make_config("seed")
+    cfg = override(base, ["epochs=3"])
+    assert cfg.epochs == 3 and cfg.content_regularizer == base.content_regularizer and base.epochs == 10
+    with pytest.raises(ConfigError, match="lr must be > 0"):
+        override(base, ["lr=-1"])
+
+
+@pytest.mark.parametrize("text, words", [
+    ("{not json", "is not a JSON config"),
+    ("[1, 2]", "is not a JSON config (expected an object of key: value)"),
+    ('{"lr": -1}', "lr must be > 0"),
+    ('{"colour": 1}', "unknown config keys: colour"),
+])
+def test_bad_config_files_raise_one_clear_error(tmp_path, text, words):
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        Config.load(path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read .*nothing.json"):
+        Config.load(tmp_path / "nothing.json")
+
+
+def test_config_module_imports_no_torch():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, omnivae.config; print('torch' in sys.modules, 'numpy' in sys.modules)"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["False", "False"]
 
 
 def test_unknown_preset():

@@ -121,6 +121,24 @@ def test_prepare_rejects_wrong_size_and_bad_file(tmp_path):
         prepare(bad)
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_prepare_puts_transparent_images_on_white_paper(tmp_path, mode):
+    """Transparent pixels are paper, whatever colour they store: only the opaque stroke is ink."""
+    ink = expected_ink(5, 3)
+    rgba = np.zeros((105, 105, 4), dtype=np.uint8)  # transparent black everywhere
+    rgba[ink] = (0, 0, 0, 255)  # opaque black stroke
+    image = Image.fromarray(rgba, "RGBA")
+    if mode == "LA":
+        image = image.convert("LA")
+    elif mode == "P":
+        image = image.convert("P")
+        image.info["transparency"] = image.getpixel((0, 0))
+    path = tmp_path / "drawn.png"
+    image.save(path)
+    x = prepare(path, size=105)[0]  # (105, 105)
+    assert torch.equal(x, torch.from_numpy(ink).float())
+
+
 def test_subset_and_tensors(tiny_data_dir, tiny_cache_dir):
     d = load_tiny(tiny_data_dir, tiny_cache_dir, size=28)
     by_mask = d.subset(d.alphabet == 1)

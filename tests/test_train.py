@@ -205,3 +205,44 @@ def test_mmd_on_sampled_codes_collapses_where_mmd_on_means_does_not(tmp_path, sy
         if match == "sample":
             assert float(q.content_logvar.exp().mean()) > 0.75  # posteriors close to the prior's unit variance
     assert spread["sample"] < 0.5 < 2.0 < spread["mean"]
+
+
+def test_lr_schedule_is_a_per_step_cosine_and_resumes_exactly():
+    import math
+
+    from omnivae.train import lr_schedule
+
+    cfg = tiny_config(lr=1e-2, lr_min_ratio=0.1)
+    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    schedule = lr_schedule(cfg, optimizer, total_steps=10)
+    rates = []
+    for _ in range(10):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates[0] == pytest.approx(1e-2)
+    assert rates[5] == pytest.approx(1e-3 + 0.5 * (1e-2 - 1e-3) * (1 + math.cos(math.pi * 0.5)))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)  # the floor after the last step
+    # A schedule rebuilt after 4 steps (as on resume) gives the same rates from there on.
+    fresh = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    lr_schedule(cfg, fresh, total_steps=10, done_steps=4)
+    assert fresh.param_groups[0]["lr"] == rates[4]
+
+
+def test_resume_with_more_epochs_and_after_the_last_epoch(tmp_path, synthetic):
+    from omnivae.train import finished_epochs
+
+    run = train(tiny_config(epochs=1), tmp_path / "run", dataset=synthetic, progress=False)
+    info = (run / "run.json").read_text()
+    assert finished_epochs(run) == 1
+    # Finished: nothing trains and run.json keeps the timing of the training that ran.
+    train(None, run, dataset=synthetic, progress=False, resume=True)
+    assert (run / "run.json").read_text() == info
+    assert len((run / "log.jsonl").read_text().splitlines()) == 1
+    # More epochs: config.json records the new total and training goes on from epoch 2.
+    train(None, run, dataset=synthetic, progress=False, resume=True, epochs=2)
+    assert json.loads((run / "config.json").read_text())["epochs"] == 2
+    assert finished_epochs(run) == 2
+    assert [json.loads(line)["epoch"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2]
+    with pytest.raises(ConfigError, match="epochs=1 is fewer than the 2 epochs"):
+        train(None, run, dataset=synthetic, progress=False, resume=True, epochs=1)
