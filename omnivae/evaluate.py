@@ -55,21 +55,37 @@ def load_split(cfg: Config, split: str, data_dir=None, cache_dir=None, progress:
     return omni_data.split_by_alphabet(background, cfg.val_alphabets)[1]
 
 
+def whole_alphabets(test: omni_data.Omniglot, images: int, seed: int) -> omni_data.Omniglot:
+    """Alphabets drawn in random order (numpy default_rng(seed)) until they hold >= `images` drawings,
+    every drawing of each: a smaller test set on which Lake-style episodes can still be drawn."""
+    order = np.random.default_rng(seed).permutation(np.unique(test.alphabet))
+    counts = np.array([np.sum(test.alphabet == a) for a in order])
+    keep = order[: int(np.searchsorted(np.cumsum(counts), images)) + 1]
+    return test.subset(np.isin(test.alphabet, keep))
+
+
+def _few_shot(results: dict, name: str, codes, test: omni_data.Omniglot, ways: int, episodes: int, seed: int) -> None:
+    """results[name_{ways}way_1shot] and its _ci95: few-shot accuracy on the episodes of `seed`."""
+    score = metrics.few_shot_accuracy(codes, test.character, test.alphabet, test.drawer, ways, episodes, seed)
+    results[f"{name}_{ways}way_1shot"], results[f"{name}_{ways}way_1shot_ci95"] = score["accuracy"], score["ci95"]
+
+
 def pixel_baseline(test: omni_data.Omniglot, seed: int, cache_dir, episodes: int) -> dict:
-    """The raw-pixel numbers (k-means, NMI, 20-way 1-shot), cached per set size and seed since
-    they do not depend on the model."""
+    """The raw-pixel numbers (k-means, NMI, 20- and 5-way 1-shot with their 95% half-widths) on
+    the same streams of `seed` (the evaluation seed) as `code_metrics`, hence on the same
+    episodes. Cached per protocol version, set size and seed since they do not depend on the model."""
     cache_dir = Path(cache_dir or omni_data.default_cache_dir())
-    key = f"pixels_{test.images.shape[1]}_{len(test)}_{int(test.character.sum())}_{seed}_{episodes}.json"
+    key = (f"pixels_v{PROTOCOL_VERSION}_{test.images.shape[1]}_{len(test)}_{int(test.character.sum())}"
+           f"_{seed}_{episodes}.json")
     path = cache_dir / key
     if path.exists():
         return json.loads(path.read_text())
+    streams = metrics.eval_streams(seed)
     pixels = test.images.reshape(len(test), -1).astype(np.float64) / 255.0
-    clusters = metrics.kmeans_scores(pixels, test.character, seed=seed)
-    result = {
-        "pixel_kmeans_accuracy": clusters["accuracy"],
-        "pixel_nmi": clusters["nmi"],
-        "pixel_20way_1shot": metrics.few_shot_accuracy(pixels, test.character, test.alphabet, test.drawer, 20, episodes, seed),
-    }
+    clusters = metrics.kmeans_scores(pixels, test.character, seed=streams["kmeans"])
+    result = {"pixel_kmeans_accuracy": clusters["accuracy"], "pixel_nmi": clusters["nmi"]}
+    for ways in (20, 5):
+        _few_shot(result, "pixel", pixels, test, ways, episodes, streams["episodes"])
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         _atomic_json(path, result)
@@ -103,20 +119,45 @@ def judge(cfg: Config, train_set: omni_data.Omniglot, cache_dir, device, progres
 
 
 def code_metrics(codes: dict, test: omni_data.Omniglot, seed: int, episodes: int) -> dict:
-    """Metrics of the codes alone: per-image KL, and per part k-means accuracy and NMI,
-    few-shot accuracy (20-way for both parts, 5-way for content) and prior match."""
+    """Metrics of the codes alone, every random use on its own stream of `seed` (the evaluation
+    seed, see metrics.eval_streams). codes: encode_all's means and log-variances.
+
+    Per-image KL; per part k-means accuracy and NMI on the means; few-shot accuracy on the means
+    with its 95% half-width (20-way for both parts, 5-way for content), every code scored on the
+    same episodes; two references for style leakage on those 20-way episodes: a code that knows
+    only the drawer (one-hot drawer id; chance, since an episode's supports share one drawer)
+    and random N(0, I) codes (chance); prior match of the aggregate posterior, on one code per
+    image sampled from q(z | x) (`prior_*`) and, secondary, on the means (`prior_*_means_*`,
+    with the same prior samples).
+    """
+    streams = metrics.eval_streams(seed)
     results = metrics.per_image_kl(codes["content_mean"], codes["content_logvar"], codes["style_mean"], codes["style_logvar"])
+    # One z ~ q(z | x) per image, content and style drawn together: a sample of the aggregate posterior.
+    content_dim = codes["content_mean"].shape[1]
+    sampled = metrics.sample_posterior(np.concatenate([codes["content_mean"], codes["style_mean"]], 1),
+                                       np.concatenate([codes["content_logvar"], codes["style_logvar"]], 1),
+                                       seed=streams["posterior_samples"])  # (N, Dc + Ds)
+    sampled = {"content": sampled[:, :content_dim], "style": sampled[:, content_dim:]}
+    prior_seeds = dict(zip(("content", "style"), metrics.child_seeds(streams["prior_match"], 2)))
     for part in ("content", "style"):
-        scores = metrics.kmeans_scores(codes[f"{part}_mean"], test.character, seed=seed)
+        means = codes[f"{part}_mean"]
+        scores = metrics.kmeans_scores(means, test.character, seed=streams["kmeans"])
         results[f"{part}_kmeans_accuracy"], results[f"{part}_nmi"] = scores["accuracy"], scores["nmi"]
         for ways in (20, 5) if part == "content" else (20,):
-            results[f"{part}_{ways}way_1shot"] = metrics.few_shot_accuracy(
-                codes[f"{part}_mean"], test.character, test.alphabet, test.drawer, ways, episodes, seed
-            )
-        match = metrics.prior_match(codes[f"{part}_mean"], seed=seed)
+            _few_shot(results, part, means, test, ways, episodes, streams["episodes"])
+        match = metrics.prior_match(sampled[part], seed=prior_seeds[part])
         results[f"prior_mmd2_{part}"] = match["mmd2"]
         results[f"prior_mmd2_floor_{part}"] = match["mmd2_floor"]
         results[f"prior_gaussian_kl_{part}"] = match["gaussian_kl"]
+        match = metrics.prior_match(means, seed=prior_seeds[part])
+        results[f"prior_mmd2_means_{part}"] = match["mmd2"]
+        results[f"prior_gaussian_kl_means_{part}"] = match["gaussian_kl"]
+
+    _, drawer_index = np.unique(test.drawer, return_inverse=True)
+    drawer_code = np.eye(drawer_index.max() + 1)[drawer_index]  # (N, drawers) one-hot
+    random_code = np.random.default_rng(streams["random_codes"]).standard_normal(codes["style_mean"].shape)  # (N, Ds)
+    _few_shot(results, "drawer_code", drawer_code, test, 20, episodes, streams["episodes"])
+    _few_shot(results, "random_code", random_code, test, 20, episodes, streams["episodes"])
     return results
 
 
@@ -140,7 +181,8 @@ def evaluate(
     "validation" (the background alphabets `val_alphabets`, for every choice; only for runs
     trained with val_holdout=true, which never saw them).
 
-    subset: evaluate on that many test images (a fixed random choice) for a quick look.
+    subset: evaluate on about that many test images for a quick look: whole alphabets drawn at
+    random until they hold at least `subset` images, so few-shot episodes keep their protocol.
     nll_k, nll_images, episodes, swap_pairs: the evaluation budget; None takes the run's config
     value (see Config): importance samples per image for the likelihood (0 skips it), test
     images it uses (a fixed subset; 0 means all), few-shot episodes, swap pairs (0 skips it).
@@ -155,8 +197,9 @@ def evaluate(
     test = load_split(cfg, split, data_dir, cache_dir, progress)
     model = load(run_dir, str(resolve_device(device)))
     seed = cfg.eval_seed
+    streams = metrics.eval_streams(seed)  # one independent seed per random use
     if subset and subset < len(test):
-        test = test.subset(np.sort(np.random.default_rng(seed).choice(len(test), subset, replace=False)))
+        test = whole_alphabets(test, subset, streams["subset"])
     images = test.tensors()  # (N, 1, S, S)
     step = tqdm(total=7, desc="evaluate", disable=not progress)
 
@@ -179,17 +222,18 @@ def evaluate(
         classifier = judge(cfg, train_set, cache_dir, model.device, progress)
         if cfg.val_holdout:  # swaps of the characters the model trained on, as for every run
             held_out = omni_data.split_by_alphabet(held_out, cfg.val_alphabets)[0]
-        swap = metrics.swap_consistency(model, classifier, held_out.tensors(), held_out.character, pairs=swap_pairs, seed=seed)
+        swap = metrics.swap_consistency(model, classifier, held_out.tensors(), held_out.character, pairs=swap_pairs,
+                                        seed=streams["swap_pairs"])
         results.update(swap_consistency=swap["swap_consistency"], style_character_rate=swap["style_character_rate"],
                        recon_consistency=swap["reconstruction_accuracy"], classifier_accuracy=swap["real_accuracy"])
     done("swap consistency")
 
     if nll_k:
         chosen = np.arange(len(test)) if not nll_images or nll_images >= len(test) else (
-            np.sort(np.random.default_rng(seed + 1).choice(len(test), nll_images, replace=False))
+            np.sort(np.random.default_rng(streams["nll_images"]).choice(len(test), nll_images, replace=False))
         )
-        binary = metrics.binarize(images[chosen], seed=seed)
-        likelihood = metrics.iwae_nll(model, binary, k=nll_k, seed=seed, progress=progress)
+        binary = metrics.binarize(images[chosen], seed=streams["binarize"])
+        likelihood = metrics.iwae_nll(model, binary, k=nll_k, seed=streams["iwae"], progress=progress)
         results.update(nll_iwae=likelihood["nll"], elbo_nll=likelihood["elbo_nll"], nll_k=nll_k, nll_images=len(chosen))
     done("likelihood")
 
@@ -206,14 +250,16 @@ def make_figures(run_dir: Path, model, test: omni_data.Omniglot, codes: dict, se
     """Every figure of the report, into run_dir/figures."""
     out = run_dir / "figures"
     out.mkdir(exist_ok=True)
-    rng = np.random.default_rng(seed)
+    picks_seed, samples_seed, one_shot_seed, tsne_seed, readable_seed = metrics.child_seeds(
+        metrics.eval_streams(seed)["figures"], 5)
+    rng = np.random.default_rng(picks_seed)
     images = test.tensors()
     pick = torch.as_tensor(np.sort(rng.choice(len(test), 32, replace=False)))
     with torch.no_grad():
         q = model.posterior(images[pick].to(model.device))
         recon = model.decode(q.content_mean, q.style_mean).cpu()
     plots.reconstruction_grid(images[pick], recon, out / "reconstructions.png")
-    plots.image_grid(generate.sample(model, 64, seed), out / "samples.png", ncols=8)
+    plots.image_grid(generate.sample(model, 64, samples_seed), out / "samples.png", ncols=8)
 
     # Swap: 6 characters (one drawing each) x 6 hands (drawings of other characters).
     chars = rng.choice(np.unique(test.character), 12, replace=len(np.unique(test.character)) < 12)
@@ -222,7 +268,7 @@ def make_figures(run_dir: Path, model, test: omni_data.Omniglot, codes: dict, se
     plots.swap_grid(content_images, style_images, generate.swap(model, content_images, style_images), out / "swap.png")
 
     # One-shot: 4 unseen characters, each from a single drawing, 8 new drawings each.
-    rows = [torch.cat([images[i : i + 1].cpu(), generate.one_shot(model, images[i], 8, seed + k)]) for k, i in enumerate(first[:4])]
+    rows = [torch.cat([images[i : i + 1].cpu(), generate.one_shot(model, images[i], 8, one_shot_seed + k)]) for k, i in enumerate(first[:4])]
     plots.image_grid(torch.cat(rows), out / "one_shot.png", ncols=9)
     a, b = images[first[0]], images[first[1]]
     same_char = images[np.flatnonzero(test.character == chars[0])[1]]
@@ -233,15 +279,15 @@ def make_figures(run_dir: Path, model, test: omni_data.Omniglot, codes: dict, se
     )
 
     # t-SNE: a readable subset coloured by character, and everything coloured by alphabet.
-    few = np.isin(test.character, _readable_characters(test, model.cfg.tsne_characters, seed))
+    few = np.isin(test.character, _readable_characters(test, model.cfg.tsne_characters, readable_seed))
     names = np.array(test.alphabet_names)
     # The by-alphabet map uses a fixed sample of drawings: t-SNE of all 13,180 costs minutes on a CPU.
     many = np.sort(rng.choice(len(test), min(len(test), TSNE_POINTS), replace=False))
     for part in ("content", "style"):
-        points = plots.embed_tsne(codes[f"{part}_mean"][few], seed=seed)
+        points = plots.embed_tsne(codes[f"{part}_mean"][few], seed=tsne_seed)
         title = f"{part} codes: {few.sum()} drawings of {len(np.unique(test.character[few]))} characters"
         plots.tsne_plot(points, test.character[few], out / f"tsne_{part}_characters.png", title)
-        points = plots.embed_tsne(codes[f"{part}_mean"][many], seed=seed)
+        points = plots.embed_tsne(codes[f"{part}_mean"][many], seed=tsne_seed)
         title = f"{part} codes: {len(many)} drawings, coloured by alphabet"
         plots.tsne_plot(points, names[test.alphabet[many]], out / f"tsne_{part}_alphabets.png", title, legend=False)
     log = run_dir / "log.jsonl"

@@ -8,7 +8,8 @@ Conventions: images are (N, 1, S, S) float tensors in [0, 1] with ink = 1 (`Omni
 uint8 arrays with ink = 255 and (N, S, S) arrays are accepted too); codes are (N, D) arrays;
 labels are the raw integer ids of the data (`character` 1..1623, `drawer` 1..20, `alphabet`).
 Every random choice is drawn from a generator seeded by an explicit `seed` argument, never
-from global state, so each number is exactly reproducible on the same device.
+from global state, so each number is exactly reproducible on the same device. Evaluation gives
+each random use its own seed (`eval_streams`), so no two uses draw the same numbers.
 """
 from __future__ import annotations
 
@@ -21,6 +22,42 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .losses import gaussian_kl, mmd
+
+# ---------------------------------------------------------------------------------------------
+# Random streams
+
+# Every random use of an evaluation, in a fixed order: the i-th name gets child i of
+# SeedSequence(eval_seed). New uses go at the end, so the existing ones keep their numbers.
+EVAL_STREAMS = (
+    "subset",  # the images of `evaluate --subset`
+    "kmeans",  # k-means++ seeding
+    "episodes",  # few-shot episodes (and, within them, tie-breaking)
+    "random_codes",  # the random-code reference for style leakage
+    "posterior_samples",  # z = mean + sigma * eps for the prior match
+    "prior_match",  # subset and N(0, I) samples of the prior match
+    "swap_pairs",  # the (A, B) pairs of swap consistency
+    "nll_images",  # the images the likelihood uses
+    "binarize",  # dynamic binarisation of those images
+    "iwae",  # importance-sampling noise
+    "figures",  # picks, samples and t-SNE seeds of the figures
+)
+
+
+def child_seeds(seed, n: int) -> list[int]:
+    """n independent integer seeds derived from `seed`: numpy's SeedSequence(seed).spawn(n).
+
+    Child i is SeedSequence(seed, spawn_key=(i,)), whose state is hashed from both the seed and
+    the key, so the children's streams are independent of each other and of `seed`'s own stream
+    (numpy's "Parallel random number generation" guide). Each is one 32-bit word, usable by
+    numpy, torch.Generator.manual_seed and scikit-learn's random_state. seed: an int >= 0.
+    """
+    return [int(child.generate_state(1)[0]) for child in np.random.SeedSequence(seed).spawn(n)]
+
+
+def eval_streams(eval_seed: int) -> dict[str, int]:
+    """One integer seed per named random use of an evaluation (see EVAL_STREAMS), from `child_seeds`."""
+    return dict(zip(EVAL_STREAMS, child_seeds(eval_seed, len(EVAL_STREAMS))))
+
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
@@ -124,85 +161,138 @@ def kmeans_scores(codes, labels, seed: int = 0, n_init: int = 3, max_iter: int =
 # Few-shot classification
 
 
-def few_shot_episodes(character, alphabet, drawer, ways: int = 20, episodes: int = 1000, seed: int = 0,
+def few_shot_episodes(character, alphabet, drawer, ways: int = 20, episodes: int = 1000, seed=0,
                       within_alphabet: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Index arrays (support, query), each (episodes, ways), for N-way one-shot episodes.
 
-    The protocol of Lake et al. 2015 ("Human-level concept learning through probabilistic
-    program induction", 20-way within-alphabet one-shot classification), drawn at random as
-    N-way K-shot episodes (Vinyals et al. 2016, "Matching Networks for One Shot Learning")
-    with K = 1. Each episode picks one alphabet among those with at least `ways` usable
-    characters (within_alphabet=True) or draws from all characters (False), then `ways`
-    distinct characters, and for each one two drawings by different drawers: support[e, j]
-    and query[e, j] are the same character. A character is usable when at least two drawers
-    drew it. Deterministic for a seed (numpy default_rng).
+    The within-alphabet one-shot classification of Lake et al. 2015 ("Human-level concept
+    learning through probabilistic program induction", 20 characters of one alphabet drawn by
+    two people: one drawing per character to learn from, the other's to classify), drawn at
+    random as N-way 1-shot episodes (Vinyals et al. 2016, "Matching Networks for One Shot
+    Learning"). Each episode picks, uniformly at each step:
+      1. an alphabet among the usable ones (within_alphabet=False: one pool of all characters);
+      2. an ordered pair of distinct drawers (support drawer, query drawer) among the pairs
+         that both drew at least `ways` characters of that alphabet;
+      3. `ways` distinct characters among those both drawers drew, in random order.
+    support[e, j] is the support drawer's drawing of character j, query[e, j] the query
+    drawer's: within an episode all supports share one hand and all queries another, so a code
+    that knows only the hand cannot tell the characters apart. An alphabet is usable when some
+    pair of its drawers drew `ways` characters in common; a (character, drawer) with several
+    drawings gives one of them at random. Raises ValueError when no episode can be built.
+    Deterministic for a seed (numpy default_rng; an int or a SeedSequence).
     """
     character = _as_numpy(character).ravel()
     alphabet = _as_numpy(alphabet).ravel()
     drawer = _as_numpy(drawer).ravel()
     if not (len(character) == len(alphabet) == len(drawer)):
         raise ValueError("character, alphabet and drawer must have one entry per image")
+    group = alphabet if within_alphabet else np.zeros_like(alphabet)
     rng = np.random.default_rng(seed)
 
-    # Rows of each usable character, and the characters of each alphabet.
-    rows_of = {}
-    for c in np.unique(character):
-        rows = np.flatnonzero(character == c)
-        if len(np.unique(drawer[rows])) >= 2:
-            rows_of[int(c)] = rows
-    chars = np.array(sorted(rows_of), dtype=np.int64)
-    if within_alphabet:
-        char_alphabet = np.array([alphabet[rows_of[c][0]] for c in chars])
-        pools = [chars[char_alphabet == a] for a in np.unique(char_alphabet)]
-        pools = [p for p in pools if len(p) >= ways]
-        if not pools:
-            raise ValueError(f"no alphabet has {ways} characters drawn by two or more drawers")
-    else:
-        if len(chars) < ways:
-            raise ValueError(f"only {len(chars)} characters are drawn by two or more drawers; need {ways}")
-        pools = [chars]
+    # Per usable group, characters and drawers numbered from 0: the rows sorted by (character,
+    # drawer), where each (character, drawer) cell starts in them and how many drawings it has,
+    # and the ordered drawer pairs that share `ways` characters.
+    pools = []
+    for g in np.unique(group):
+        rows = np.flatnonzero(group == g)
+        _, char_index = np.unique(character[rows], return_inverse=True)
+        _, hand_index = np.unique(drawer[rows], return_inverse=True)
+        n_chars, n_hands = char_index.max() + 1, hand_index.max() + 1
+        order = np.lexsort((hand_index, char_index))  # rows grouped by (character, drawer)
+        cell = char_index[order] * n_hands + hand_index[order]  # (n,) flat cell index, sorted
+        count = np.bincount(cell, minlength=n_chars * n_hands).reshape(n_chars, n_hands)  # drawings per cell
+        first = np.searchsorted(cell, np.arange(n_chars * n_hands)).reshape(n_chars, n_hands)  # cell starts
+        drawn = count > 0  # (n_chars, n_hands)
+        both = drawn.T.astype(np.int64) @ drawn  # (n_hands, n_hands) characters drawn by both
+        np.fill_diagonal(both, 0)
+        pairs = np.argwhere(both >= ways)  # (P, 2) ordered (support hand, query hand)
+        if len(pairs):
+            pools.append((rows[order], first, count, drawn, pairs))
+    if not pools:
+        where = "alphabet" if within_alphabet else "set"
+        raise ValueError(f"no {ways}-way episode can be built: no {where} has two drawers who both drew "
+                         f"{ways} of its characters")
 
     support = np.empty((episodes, ways), dtype=np.int64)
     query = np.empty((episodes, ways), dtype=np.int64)
     for e in range(episodes):
-        pool = pools[rng.integers(len(pools))]
-        picked = rng.choice(pool, size=ways, replace=False)  # (ways,) distinct, in random order
-        for j, c in enumerate(picked):
-            rows = rows_of[int(c)]
-            first = rows[rng.integers(len(rows))]
-            others = rows[drawer[rows] != drawer[first]]  # a different drawer, hence a different row
-            support[e, j] = first
-            query[e, j] = others[rng.integers(len(others))]
+        rows, first, count, drawn, pairs = pools[rng.integers(len(pools))]
+        support_hand, query_hand = pairs[rng.integers(len(pairs))]
+        common = np.flatnonzero(drawn[:, support_hand] & drawn[:, query_hand])
+        picked = rng.choice(common, size=ways, replace=False)  # (ways,) distinct, in random order
+        for out, hand in ((support, support_hand), (query, query_hand)):
+            offset = np.floor(rng.random(ways) * count[picked, hand]).astype(np.int64)  # which drawing, if several
+            out[e] = rows[first[picked, hand] + offset]
     return support, query
 
 
-def _few_shot_accuracy(codes, support, query) -> float:
-    """Fraction of queries whose nearest support (cosine similarity) is their own character's.
+def _few_shot_correct(codes, support, query, seed=0, chunk: int = 100) -> np.ndarray:
+    """(E, W) bool: is query[e, j]'s nearest support (cosine similarity) support[e, j]?
 
-    codes: (N, D); support, query: (E, W) row indices with query[e, j] matching support[e, j].
-    Ties go to the first support in the episode (argmax). Since `few_shot_episodes` puts the
-    characters in random order, ties score chance in expectation; constant codes score
-    exactly 1 / W (only the query at position 0 is right in each episode).
+    codes: (N, D); support, query: (E, W) row indices with query[e, j] the same character as
+    support[e, j]. Ties (similarities within 1e-9 of the best, e.g. identical supports, or a
+    zero code, whose similarity to everything is 0) are broken uniformly at random with
+    numpy default_rng(seed), so a tie among t supports that include the right one scores 1 / t
+    in expectation wherever the right one sits. The episodes are scored `chunk` at a time to
+    bound memory; the result does not depend on `chunk`.
     """
-    codes = torch.as_tensor(_as_numpy(codes), dtype=torch.float64)  # (N, D)
-    support, query = torch.as_tensor(_as_numpy(support)), torch.as_tensor(_as_numpy(query))
-    s = F.normalize(codes[support], dim=-1)  # (E, W, D)
-    q = F.normalize(codes[query], dim=-1)  # (E, W, D)
-    similarity = q @ s.transpose(1, 2)  # (E, W queries, W supports)
-    pred = similarity.argmax(-1)  # (E, W)
-    target = torch.arange(support.shape[1])  # (W,)
-    return float((pred == target).double().mean())
+    codes = _as_numpy(codes).astype(np.float64)  # (N, D)
+    codes = codes / np.maximum(np.linalg.norm(codes, axis=1, keepdims=True), 1e-12)  # unit rows; zeros stay 0
+    support, query = _as_numpy(support), _as_numpy(query)
+    episodes, ways = support.shape
+    keys = np.random.default_rng(seed).random((episodes, ways, ways))  # (E, W queries, W supports)
+    pred = np.empty((episodes, ways), dtype=np.int64)
+    for start in range(0, episodes, chunk):
+        s = codes[support[start:start + chunk]]  # (e, W, D)
+        q = codes[query[start:start + chunk]]  # (e, W, D)
+        similarity = q @ s.transpose(0, 2, 1)  # (e, W queries, W supports)
+        best = similarity.max(-1, keepdims=True)  # (e, W, 1)
+        tied = similarity >= best - 1e-9  # (e, W, W), the best and anything equal to it up to round-off
+        pred[start:start + chunk] = np.where(tied, keys[start:start + chunk], -1.0).argmax(-1)
+    return pred == np.arange(ways)  # (E, W)
 
 
-def few_shot_accuracy(codes, character, alphabet, drawer, ways: int = 20, episodes: int = 1000, seed: int = 0,
-                      within_alphabet: bool = True) -> float:
+def mean_ci95(values) -> tuple[float, float]:
+    """Mean of `values` and the half-width of its 95% normal confidence interval, 1.96 sd / sqrt(n).
+
+    sd is the sample standard deviation (ddof = 1). This is the interval few-shot papers give
+    over test episodes (e.g. Finn et al. 2017, "Model-Agnostic Meta-Learning", Table 1). With
+    episodes drawn independently from one test set it measures the noise of the episode draw,
+    not that of the test set or of training. The half-width is nan for a single value.
+    """
+    values = _as_numpy(values).astype(np.float64).ravel()
+    if values.size == 0:
+        raise ValueError("mean_ci95 needs at least one value")
+    if values.size == 1:
+        return float(values[0]), math.nan
+    return float(values.mean()), float(1.96 * values.std(ddof=1) / math.sqrt(values.size))
+
+
+def few_shot_scores(codes, support, query, seed=0) -> dict:
+    """Nearest-neighbour accuracy on given episodes: mean over episodes and its 95% half-width.
+
+    Scores every query with `_few_shot_correct` (cosine nearest support, ties at random with
+    `seed`); the per-episode accuracies go through `mean_ci95`. Scoring several codes on the
+    same (support, query) compares them on the same episodes.
+    Returns {"accuracy", "ci95", "episodes"}.
+    """
+    accuracy, ci95 = mean_ci95(_few_shot_correct(codes, support, query, seed).mean(1))  # (E,) per episode
+    return {"accuracy": accuracy, "ci95": ci95, "episodes": int(len(support))}
+
+
+def few_shot_accuracy(codes, character, alphabet, drawer, ways: int = 20, episodes: int = 1000, seed=0,
+                      within_alphabet: bool = True) -> dict:
     """N-way one-shot accuracy of nearest-neighbour (cosine) classification on the codes.
 
     Episodes from `few_shot_episodes` (Lake et al. 2015; Vinyals et al. 2016), scored by
-    `_few_shot_accuracy`. Chance is 1 / ways.
+    `few_shot_scores`. The episodes and the tie-breaking draw from two children of `seed`
+    (`child_seeds`), so every set of codes scored with the same labels, ways, episodes and seed
+    sees exactly the same episodes. Chance is 1 / ways.
+    Returns {"accuracy": mean over episodes, "ci95": 95% half-width over episodes, "episodes"}.
     """
-    support, query = few_shot_episodes(character, alphabet, drawer, ways, episodes, seed, within_alphabet)
-    return _few_shot_accuracy(codes, support, query)
+    episode_seed, tie_seed = child_seeds(seed, 2)
+    support, query = few_shot_episodes(character, alphabet, drawer, ways, episodes, episode_seed, within_alphabet)
+    return few_shot_scores(codes, support, query, tie_seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,12 +335,31 @@ def _fitted_gaussian_kl(codes: np.ndarray) -> float:
     return float(0.5 * (np.trace(cov) + mean @ mean - d - logdet))
 
 
-def prior_match(codes, seed: int = 0, kernel: str = "imq", max_points: int = 5000) -> dict:
+def sample_posterior(mean, logvar, seed=0) -> np.ndarray:
+    """One code per image drawn from its posterior: z = mean + exp(logvar / 2) * eps, eps ~ N(0, I).
+
+    The reparameterisation of Kingma and Welling 2014. With one draw per image the codes are an
+    exact sample of the aggregate posterior q(z) = (1/N) sum_n q(z | x_n), the mixture the
+    prior should match; the means alone are a sample of a different distribution (too narrow
+    by the average posterior variance). eps from numpy default_rng(seed), float64.
+    mean, logvar: (N, d) -> (N, d).
+    """
+    mean = _as_numpy(mean).astype(np.float64)  # (N, d)
+    logvar = _as_numpy(logvar).astype(np.float64)  # (N, d)
+    if mean.shape != logvar.shape:
+        raise ValueError(f"mean and logvar differ in shape: {mean.shape} vs {logvar.shape}")
+    eps = np.random.default_rng(seed).standard_normal(mean.shape)  # (N, d)
+    return mean + np.exp(0.5 * logvar) * eps
+
+
+def prior_match(codes, seed=0, kernel: str = "imq", max_points: int = 5000) -> dict:
     """How far the aggregate posterior (the cloud of codes) is from the prior N(0, I).
 
     A generative VAE samples z ~ N(0, I), so what matters for sampling is the aggregate
     posterior q(z) = E_x q(z | x), not each q(z | x) (Makhzani et al. 2016, "Adversarial
-    Autoencoders"; Tolstikhin et al. 2018, "Wasserstein Auto-Encoders"). Returns:
+    Autoencoders"; Tolstikhin et al. 2018, "Wasserstein Auto-Encoders"). Pass codes sampled
+    from the posteriors (`sample_posterior`) to measure q(z) itself; posterior means measure
+    only the spread of the means. Returns:
       mmd2: unbiased MMD^2 (Gretton et al. 2012, "A Kernel Two-Sample Test") between the codes
         and as many N(0, I) samples, with the kernel of `losses.mmd`;
       mmd2_floor: the same estimate between two independent N(0, I) samples of that size, the
@@ -258,19 +367,21 @@ def prior_match(codes, seed: int = 0, kernel: str = "imq", max_points: int = 500
       gaussian_kl: KL(N(mu_hat, Sigma_hat) || N(0, I)) of the full-covariance Gaussian fitted to
         all codes, in nats (inf for singular covariance). It sees only the first two moments.
     MMD costs O(n^2) memory, so when there are more than `max_points` codes a subset of that
-    size is drawn without replacement (numpy default_rng(seed)); the prior samples come from a
-    torch.Generator seeded with `seed`. The MMD runs in float32 (its round-off, ~1e-6, is far
-    below the floor; float64 is 4x slower: ~10 s at 5000 points on two CPU cores in float32),
+    size is drawn without replacement; the subset and the prior samples (numpy default_rng and a
+    torch.Generator) are seeded by two children of `seed` (`child_seeds`). The MMD runs in
+    float32 (its round-off, ~1e-6, is far below the floor; float64 is 4x slower: ~10 s at 5000
+    points on two CPU cores in float32),
     the fitted Gaussian in float64. codes: (N, d), N >= 2.
     """
     codes = _as_numpy(codes).astype(np.float64)  # (N, d)
     n, d = codes.shape
     if n < 2:
         raise ValueError("prior_match needs at least two codes")
-    rng = np.random.default_rng(seed)
+    subset_seed, prior_seed = child_seeds(seed, 2)
+    rng = np.random.default_rng(subset_seed)
     subset = codes if n <= max_points else codes[np.sort(rng.choice(n, max_points, replace=False))]
     m = len(subset)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(prior_seed)
     prior = torch.randn(m, d, generator=generator)  # (m, d)
     prior_again = torch.randn(m, d, generator=generator)  # (m, d)
     with torch.no_grad():
