@@ -43,12 +43,13 @@ def quick_metrics(run_dir: Path, data_dir, cache_dir) -> dict:
     on the evaluation set, without likelihood, swaps or figures."""
     import torch
 
-    from omnivae import data, load
+    from omnivae import Config, data, load
     from omnivae.evaluate import code_metrics, encode_all
 
+    cfg = Config.load(run_dir / "config.json")
     model = load(run_dir, "cuda" if torch.cuda.is_available() else "cpu")
     test = data.load_set("evaluation", model.image_size, data_dir, cache_dir, progress=False)
-    out = code_metrics(encode_all(model, test.tensors()), test, model.cfg.eval_seed, model.cfg.episodes)
+    out = code_metrics(encode_all(model, test.tensors()), test, cfg.eval_seed, cfg.episodes)
     (run_dir / "metrics.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
 

@@ -27,7 +27,7 @@ from .losses import (
     r1_penalty,
     supervised_contrastive,
 )
-from .model import Discriminator, StructuredVAE, StyleAdversary
+from .model import Discriminator, ModelConfig, StructuredVAE, StyleAdversary
 
 WEIGHTS = "model.safetensors"  # every module's weights, prefixed by its name
 STATE = "train_state.pt"  # optimiser states and the epoch; tensors and plain types only
@@ -74,7 +74,7 @@ def seed_everything(seed: int) -> None:
 
 def build_parts(cfg: Config, classes: int, device: torch.device) -> Parts:
     """Modules and optimisers for a config; `classes` is the number of training characters."""
-    model = StructuredVAE(cfg).to(device)
+    model = StructuredVAE(ModelConfig.from_config(cfg)).to(device)
     parts = Parts(model)
     params = list(model.parameters())
     if cfg.style_adversary_weight > 0:
@@ -351,6 +351,6 @@ def load(run_dir, device: str = "cpu") -> StructuredVAE:
     if not (run_dir / "config.json").exists():
         raise ConfigError(f"{run_dir} holds no config.json: not a run folder")
     cfg = Config.load(run_dir / "config.json")
-    model = StructuredVAE(cfg).to(resolve_device(device))
+    model = StructuredVAE(ModelConfig.from_config(cfg)).to(resolve_device(device))
     _load_weights(run_dir, {"model": model}, model.device)
     return model.eval()

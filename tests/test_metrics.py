@@ -8,8 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from omnivae import metrics
-from omnivae.config import make_config
-from omnivae.model import Posterior, StructuredVAE
+from omnivae.model import ModelConfig, Posterior, StructuredVAE
 
 
 # ---- clustering ------------------------------------------------------------------------------
@@ -248,7 +247,7 @@ def test_iwae_and_elbo_with_a_decoder_that_ignores_z():
 
 def test_iwae_tighter_than_elbo_and_reproducible():
     torch.manual_seed(0)
-    model = StructuredVAE(make_config("default", dict(channels=4, hidden=16, content_dim=4, style_dim=2)))
+    model = StructuredVAE(ModelConfig(channels=4, hidden=16, content_dim=4, style_dim=2))
     images = metrics.binarize(torch.rand(6, 1, 28, 28) * 0.3, seed=1)
     result = metrics.iwae_nll(model, images, k=64, batch_size=3, chunk=20, seed=0)
     assert result["nll"] < result["elbo_nll"]
@@ -324,7 +323,7 @@ def test_train_classifier_learns_four_shapes():
 def test_swap_consistency_pipeline():
     torch.manual_seed(0)
     images, labels = _four_shapes(n_per_class=8)
-    model = StructuredVAE(make_config("default", dict(channels=4, hidden=16, content_dim=4, style_dim=2)))
+    model = StructuredVAE(ModelConfig(channels=4, hidden=16, content_dim=4, style_dim=2))
     classifier = metrics.train_classifier(images, labels, epochs=1, seed=0, channels=8)
     result = metrics.swap_consistency(model, classifier, images, labels, pairs=50, seed=0, batch_size=20)
     assert set(result) >= {"swap_consistency", "style_character_rate", "reconstruction_accuracy", "real_accuracy"}

@@ -2,11 +2,11 @@ import pytest
 import torch
 
 from omnivae.config import make_config
-from omnivae.model import Discriminator, StructuredVAE, StyleAdversary, feature_sizes
+from omnivae.model import Discriminator, ModelConfig, StructuredVAE, StyleAdversary, feature_sizes
 
 
 def small(**overrides):
-    return make_config("quick", {"channels": 4, "hidden": 16, "content_dim": 6, "style_dim": 3, **overrides})
+    return ModelConfig(**{"channels": 4, "hidden": 16, "content_dim": 6, "style_dim": 3, **overrides})
 
 
 @pytest.mark.parametrize("size", [28, 32, 64, 105])
@@ -67,3 +67,24 @@ def test_style_adversary_reverses_gradients():
 
 def test_discriminator_outputs_one_logit_per_code():
     assert Discriminator(6, 8)(torch.randn(5, 6)).shape == (5,)
+
+
+def test_model_is_built_from_its_own_config():
+    model = StructuredVAE(ModelConfig())
+    assert model.config == ModelConfig() and not hasattr(model, "cfg")
+    assert (model.image_size, model.content_dim, model.style_dim) == (28, 32, 16)
+    cfg = make_config("quick", {"content_dim": 5, "grouping": "average"})
+    assert ModelConfig.from_config(cfg) == ModelConfig(28, 5, cfg.style_dim, cfg.channels, cfg.hidden, "average")
+    with pytest.raises(ValueError, match="grouping"):
+        ModelConfig(grouping="sum")
+
+
+def test_gradients_flow_through_encode_and_decode():
+    torch.manual_seed(0)
+    model = StructuredVAE(small())
+    x = torch.rand(4, 1, 28, 28, requires_grad=True)
+    content, style = model.encode(x)
+    model.decode(content, style).sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert x.grad.abs().sum() > 0  # the model can sit inside a larger differentiable pipeline

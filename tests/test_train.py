@@ -116,7 +116,8 @@ def test_structured_training_puts_the_factors_in_the_right_halves(tmp_path, synt
                       style_adversary_weight=1.0, val_drawers=(20,))
     run = train(cfg, tmp_path / "run", dataset=synthetic, progress=False)
     model = omnivae.load(run)
-    content, style = (c.numpy() for c in model.encode(synthetic.tensors()))
+    with torch.no_grad():
+        content, style = (c.numpy() for c in model.encode(synthetic.tensors()))
     char, position = synthetic.character, (synthetic.drawer - 1)
 
     def nearest_neighbour_accuracy(codes, labels):
