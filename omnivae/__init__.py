@@ -4,9 +4,12 @@
     model = omnivae.load("runs/default")          # trained model, eval mode
     content, style = model.encode(images)         # images: (N, 1, S, S) in [0, 1], ink = 1
     drawings = model.decode(content, style)       # pixel probabilities; both keep gradients
+
+    model = omnivae.StructuredVAE.from_pretrained("runs/default")   # the Hub layout; save_pretrained too
 """
 from .config import Config, make_config
+from .model import ModelConfig, StructuredVAE
 from .train import load
 
 __version__ = "0.1.0"
-__all__ = ["Config", "make_config", "load", "__version__"]
+__all__ = ["Config", "ModelConfig", "StructuredVAE", "make_config", "load", "__version__"]

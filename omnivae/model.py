@@ -1,17 +1,23 @@
 """The content/style VAE: a conv encoder with two Gaussian heads, a transposed-conv decoder.
 
 The model returns tensors, never losses (those live in losses.py). Its sizes come from a small
-ModelConfig; the training config (config.py) holds everything else.
+ModelConfig; the training config (config.py) holds everything else. It saves and loads in the
+Hugging Face Hub layout (config.json + model.safetensors), which a training run folder also has.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: the Hub mixin reads the annotation of
+# StructuredVAE.__init__'s `config` to rebuild a ModelConfig from config.json.
+import os
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+from huggingface_hub import PyTorchModelHubMixin
+from safetensors.torch import load_file
 
 from .losses import GROUPINGS, reparameterize
+
+WEIGHTS = "model.safetensors"  # the Hub's file name for a model's state dict
 
 
 @dataclass
@@ -78,12 +84,14 @@ def _up_block(cin: int, cout: int, out_size: int, in_size: int) -> nn.Sequential
     )
 
 
-class StructuredVAE(nn.Module):
+class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tags=["omniglot", "vae"]):
     """Encoder -> (content, style) Gaussians -> decoder on [z_content, z_style].
 
     Public API: `encode(x) -> (content_mean, style_mean)`, `decode(content, style) -> probabilities`
     (both differentiable), `image_size`, `config`. `posterior` and `forward` give the full
-    distributions for training.
+    distributions for training. `StructuredVAE.from_pretrained(folder_or_repo)` loads a folder
+    written by `save_pretrained`, a training run folder, or a Hub repository; the result is in
+    eval mode.
     """
 
     def __init__(self, config: ModelConfig):
@@ -162,6 +170,21 @@ class StructuredVAE(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, map_location="cpu", strict: bool = True, **kwargs):
+        """The weights step of `from_pretrained`. Unlike the mixin's own it is strict (weights under
+        other names are an error, not a silently untrained model), reads a local folder quietly
+        (the mixin's prints a line) and moves the model to `map_location` (the mixin's copies the
+        weights into a model left on the CPU)."""
+        if not os.path.isdir(model_id):
+            model = super()._from_pretrained(model_id=model_id, map_location=map_location, strict=strict, **kwargs)
+            return model.to(map_location)
+        if "config" not in kwargs:
+            raise FileNotFoundError(f"{model_id} holds no config.json")
+        model = cls(kwargs["config"]).to(map_location)
+        model.load_state_dict(load_file(os.path.join(model_id, WEIGHTS), device=str(map_location)), strict=strict)
+        return model.eval()
 
 
 class GradientReversal(torch.autograd.Function):
