@@ -238,7 +238,7 @@ def evaluate(
     done("likelihood")
 
     if figures:
-        make_figures(run_dir, model, test, codes, seed)
+        make_figures(run_dir, model, test, codes, seed, cfg.tsne_characters)
     done("figures")
     step.close()
     results["eval_seconds"] = round(time.time() - started, 1)
@@ -246,8 +246,8 @@ def evaluate(
     return results
 
 
-def make_figures(run_dir: Path, model, test: omni_data.Omniglot, codes: dict, seed: int) -> None:
-    """Every figure of the report, into run_dir/figures."""
+def make_figures(run_dir: Path, model, test: omni_data.Omniglot, codes: dict, seed: int, tsne_characters: int = 20) -> None:
+    """Every figure of the report, into run_dir/figures; `tsne_characters` characters in the labelled t-SNE plot."""
     out = run_dir / "figures"
     out.mkdir(exist_ok=True)
     picks_seed, samples_seed, one_shot_seed, tsne_seed, readable_seed = metrics.child_seeds(
@@ -279,7 +279,7 @@ def make_figures(run_dir: Path, model, test: omni_data.Omniglot, codes: dict, se
     )
 
     # t-SNE: a readable subset coloured by character, and everything coloured by alphabet.
-    few = np.isin(test.character, _readable_characters(test, model.cfg.tsne_characters, readable_seed))
+    few = np.isin(test.character, _readable_characters(test, tsne_characters, readable_seed))
     names = np.array(test.alphabet_names)
     # The by-alphabet map uses a fixed sample of drawings: t-SNE of all 13,180 costs minutes on a CPU.
     many = np.sort(rng.choice(len(test), min(len(test), TSNE_POINTS), replace=False))

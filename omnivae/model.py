@@ -1,16 +1,47 @@
 """The content/style VAE: a conv encoder with two Gaussian heads, a transposed-conv decoder.
 
-The model returns tensors, never losses (those live in losses.py).
+The model returns tensors, never losses (those live in losses.py). Its sizes come from a small
+ModelConfig; the training config (config.py) holds everything else. It saves and loads in the
+Hugging Face Hub layout (config.json + model.safetensors), which a training run folder also has.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: the Hub mixin reads the annotation of
+# StructuredVAE.__init__'s `config` to rebuild a ModelConfig from config.json.
+import os
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+from huggingface_hub import PyTorchModelHubMixin
+from safetensors.torch import load_file
 
-from .config import Config
 from .losses import GROUPINGS, reparameterize
+
+WEIGHTS = "model.safetensors"  # the Hub's file name for a model's state dict
+
+
+@dataclass
+class ModelConfig:
+    """What the network needs and nothing else."""
+
+    image_size: int = 28  # side of the square input images, in pixels
+    content_dim: int = 32  # size of the content code (which character)
+    style_dim: int = 16  # size of the style code (how it was drawn)
+    channels: int = 32  # width of the first conv layer; doubles at each downsampling
+    hidden: int = 256  # width of the fully connected layer between conv stack and heads
+    grouping: str = "product"  # how a group's content posteriors combine in forward: product | average
+
+    def __post_init__(self):
+        for name in ("image_size", "content_dim", "style_dim", "channels", "hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.grouping not in GROUPINGS:
+            raise ValueError(f"grouping must be one of {', '.join(GROUPINGS)}, got {self.grouping!r}")
+
+    @classmethod
+    def from_config(cls, cfg) -> "ModelConfig":
+        """The model's fields of a training config (any object with these attributes)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
 
 
 class Posterior(NamedTuple):
@@ -53,20 +84,23 @@ def _up_block(cin: int, cout: int, out_size: int, in_size: int) -> nn.Sequential
     )
 
 
-class StructuredVAE(nn.Module):
+class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tags=["omniglot", "vae"]):
     """Encoder -> (content, style) Gaussians -> decoder on [z_content, z_style].
 
-    Public API: `encode(x) -> (content_mean, style_mean)`, `decode(content, style) -> probabilities`,
-    `image_size`. `posterior` and `forward` give the full distributions for training.
+    Public API: `encode(x) -> (content_mean, style_mean)`, `decode(content, style) -> probabilities`
+    (both differentiable), `image_size`, `config`. `posterior` and `forward` give the full
+    distributions for training. `StructuredVAE.from_pretrained(folder_or_repo)` loads a folder
+    written by `save_pretrained`, a training run folder, or a Hub repository; the result is in
+    eval mode.
     """
 
-    def __init__(self, cfg: Config):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.cfg = cfg
-        self.image_size = cfg.image_size
-        self.content_dim, self.style_dim = cfg.content_dim, cfg.style_dim
-        sizes = feature_sizes(cfg.image_size)
-        widths = [cfg.channels * 2**i for i in range(len(sizes))]  # channels per level
+        self.config = config
+        self.image_size = config.image_size
+        self.content_dim, self.style_dim = config.content_dim, config.style_dim
+        sizes = feature_sizes(config.image_size)
+        widths = [config.channels * 2**i for i in range(len(sizes))]  # channels per level
         self.sizes, self.widths = sizes, widths
 
         layers = [_block(1, widths[0], 1)]
@@ -74,13 +108,13 @@ class StructuredVAE(nn.Module):
             layers.append(_block(widths[i - 1], widths[i], 2))
         self.features = nn.Sequential(*layers)
         flat = widths[-1] * sizes[-1] ** 2
-        self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(flat, cfg.hidden), nn.ReLU(inplace=True))
-        self.content_head = nn.Linear(cfg.hidden, 2 * cfg.content_dim)  # mean and logvar
-        self.style_head = nn.Linear(cfg.hidden, 2 * cfg.style_dim)
+        self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(flat, config.hidden), nn.ReLU(inplace=True))
+        self.content_head = nn.Linear(config.hidden, 2 * config.content_dim)  # mean and logvar
+        self.style_head = nn.Linear(config.hidden, 2 * config.style_dim)
 
-        z_dim = cfg.content_dim + cfg.style_dim
+        z_dim = config.content_dim + config.style_dim
         self.expand = nn.Sequential(
-            nn.Linear(z_dim, cfg.hidden), nn.ReLU(inplace=True), nn.Linear(cfg.hidden, flat), nn.ReLU(inplace=True)
+            nn.Linear(z_dim, config.hidden), nn.ReLU(inplace=True), nn.Linear(config.hidden, flat), nn.ReLU(inplace=True)
         )
         ups = []
         for i in range(len(sizes) - 1, 0, -1):
@@ -103,11 +137,11 @@ class StructuredVAE(nn.Module):
 
     def forward(self, x: torch.Tensor, group_size: int = 1) -> VAEOutput:
         """Encode, sample and decode. With group_size > 1, rows come in groups of that many
-        drawings of one character and share one content posterior (cfg.grouping)."""
+        drawings of one character and share one content posterior (config.grouping)."""
         q = self.posterior(x)
         content_mean, content_logvar = q.content_mean, q.content_logvar
         if group_size > 1:
-            group_mean, group_logvar = GROUPINGS[self.cfg.grouping](content_mean, content_logvar, group_size)
+            group_mean, group_logvar = GROUPINGS[self.config.grouping](content_mean, content_logvar, group_size)
             # One content sample per group, repeated for each of its drawings.
             group_code = reparameterize(group_mean, group_logvar)  # (G, Dc)
             content = group_code.repeat_interleave(group_size, 0)  # (B, Dc)
@@ -121,20 +155,36 @@ class StructuredVAE(nn.Module):
             logits, content_mean, content_logvar, q.style_mean, q.style_logvar, content, style, q.content_mean
         )
 
-    @torch.no_grad()
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior means (content_mean, style_mean) of images x: (N, 1, S, S) in [0, 1], ink = 1."""
+        """Posterior means (content_mean, style_mean) of images x: (N, 1, S, S) in [0, 1], ink = 1.
+
+        Differentiable, so the model can sit inside a larger network; wrap calls in
+        `torch.no_grad()` when only the codes are wanted."""
         q = self.posterior(x.to(self.device))
         return q.content_mean, q.style_mean
 
-    @torch.no_grad()
     def decode(self, content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
-        """Pixel probabilities (N, 1, S, S) of images with the given codes."""
+        """Pixel probabilities (N, 1, S, S) of images with the given codes. Differentiable."""
         return torch.sigmoid(self.decode_logits(content.to(self.device), style.to(self.device)))
 
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, map_location="cpu", strict: bool = True, **kwargs):
+        """The weights step of `from_pretrained`. Unlike the mixin's own it is strict (weights under
+        other names are an error, not a silently untrained model), reads a local folder quietly
+        (the mixin's prints a line) and moves the model to `map_location` (the mixin's copies the
+        weights into a model left on the CPU)."""
+        if not os.path.isdir(model_id):
+            model = super()._from_pretrained(model_id=model_id, map_location=map_location, strict=strict, **kwargs)
+            return model.to(map_location)
+        if "config" not in kwargs:
+            raise FileNotFoundError(f"{model_id} holds no config.json")
+        model = cls(kwargs["config"]).to(map_location)
+        model.load_state_dict(load_file(os.path.join(model_id, WEIGHTS), device=str(map_location)), strict=strict)
+        return model.eval()
 
 
 class GradientReversal(torch.autograd.Function):

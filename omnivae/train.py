@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -28,10 +29,10 @@ from .losses import (
     r1_penalty,
     supervised_contrastive,
 )
-from .model import Discriminator, StructuredVAE, StyleAdversary
+from .model import Discriminator, ModelConfig, StructuredVAE, StyleAdversary
 
-WEIGHTS = "model.safetensors"  # every module's weights, prefixed by its name
-STATE = "train_state.pt"  # optimiser states and the epoch; tensors and plain types only
+WEIGHTS = "model.safetensors"  # the VAE's own state dict, as StructuredVAE.from_pretrained reads it
+STATE = "train_state.pt"  # the epoch, optimiser states and helper modules' weights; tensors and plain types only
 PARTS = ("content", "style")
 
 
@@ -45,12 +46,16 @@ class Parts:
     optimizer: torch.optim.Optimizer | None = None  # VAE (and style adversary, through its reversal layer)
     disc_optimizer: torch.optim.Optimizer | None = None
 
-    def modules(self) -> dict[str, torch.nn.Module]:
-        found = {"model": self.model}
+    def helpers(self) -> dict[str, torch.nn.Module]:
+        """Every trained module but the VAE: the style adversary and the discriminators."""
+        found = {}
         if self.style_adversary is not None:
             found["style_adversary"] = self.style_adversary
         found.update({f"discriminator_{p}": d for p, d in self.discriminators.items()})
         return found
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"model": self.model, **self.helpers()}
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         found = {"optimizer": self.optimizer}
@@ -75,7 +80,7 @@ def seed_everything(seed: int) -> None:
 
 def build_parts(cfg: Config, classes: int, device: torch.device) -> Parts:
     """Modules and optimisers for a config; `classes` is the number of training characters."""
-    model = StructuredVAE(cfg).to(device)
+    model = StructuredVAE(ModelConfig.from_config(cfg)).to(device)
     parts = Parts(model)
     params = list(model.parameters())
     if cfg.style_adversary_weight > 0:
@@ -337,12 +342,15 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def save_checkpoint(run_dir: Path, parts: Parts, epoch: int) -> None:
-    """Weights to model.safetensors, optimiser states and epoch to train_state.pt, each written to a
-    temporary file first and renamed, so an interrupted write never leaves a broken checkpoint."""
-    weights = {f"{name}.{k}": v.detach().cpu().contiguous() for name, m in parts.modules().items() for k, v in m.state_dict().items()}
+    """The VAE's state dict to model.safetensors (the Hub layout, so that
+    StructuredVAE.from_pretrained(run_dir) reads it); the epoch, optimiser states and the helper
+    modules' weights to train_state.pt. Each is written to a temporary file first and renamed, so
+    an interrupted write never leaves a broken checkpoint."""
+    weights = {k: v.detach().cpu().contiguous() for k, v in parts.model.state_dict().items()}
     tmp = run_dir / (WEIGHTS + ".tmp")
-    save_file(weights, str(tmp), metadata={"epoch": str(epoch)})
+    save_file(weights, str(tmp), metadata={"format": "pt", "epoch": str(epoch)})
     state = {name: opt.state_dict() for name, opt in parts.optimizers().items()}
+    state["modules"] = {name: m.state_dict() for name, m in parts.helpers().items()}
     state["epoch"] = epoch
     tmp_state = run_dir / (STATE + ".tmp")
     torch.save(state, tmp_state)
@@ -350,7 +358,7 @@ def save_checkpoint(run_dir: Path, parts: Parts, epoch: int) -> None:
     os.replace(tmp, run_dir / WEIGHTS)
 
 
-def _load_weights(run_dir: Path, modules: dict, device) -> None:
+def _load_weights(run_dir: Path, model: StructuredVAE, device) -> None:
     path = Path(run_dir) / WEIGHTS
     if not path.exists():
         raise ConfigError(f"{run_dir} holds no {WEIGHTS}: not a trained run folder")
@@ -358,15 +366,18 @@ def _load_weights(run_dir: Path, modules: dict, device) -> None:
         weights = load_file(str(path), device=str(device))
     except Exception as err:  # safetensors raises several kinds on a damaged file
         raise ConfigError(f"cannot read {path}: {err}") from None
-    for name, module in modules.items():
-        prefix = name + "."
-        module.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:  # names or shapes that do not fit the config
+        raise ConfigError(f"cannot load {path}: {err}") from None
 
 
 def load_state(run_dir: Path, parts: Parts, device) -> int:
     """Restore every module and optimiser of a run; returns the number of finished epochs."""
-    _load_weights(run_dir, parts.modules(), device)
+    _load_weights(run_dir, parts.model, device)
     state = torch.load(Path(run_dir) / STATE, map_location=device, weights_only=True)
+    for name, module in parts.helpers().items():
+        module.load_state_dict(state["modules"][name])
     for name, opt in parts.optimizers().items():
         opt.load_state_dict(state[name])
     return int(state["epoch"])
@@ -381,11 +392,15 @@ def finished_epochs(run_dir) -> int:
 
 
 def load(run_dir, device: str = "cpu") -> StructuredVAE:
-    """The trained model of a run folder, in eval mode (only its weights are read: no pickles)."""
+    """The trained model of a run folder on `device`, in eval mode: `StructuredVAE.from_pretrained`
+    with the run folder's own errors (only weights are read: no pickles)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists():
         raise ConfigError(f"{run_dir} holds no config.json: not a run folder")
-    cfg = Config.load(run_dir / "config.json")
-    model = StructuredVAE(cfg).to(resolve_device(device))
-    _load_weights(run_dir, {"model": model}, model.device)
+    if not (run_dir / WEIGHTS).exists():
+        raise ConfigError(f"{run_dir} holds no {WEIGHTS}: not a trained run folder")
+    try:
+        model = StructuredVAE.from_pretrained(run_dir, map_location=str(resolve_device(device)))
+    except (SafetensorError, RuntimeError, ValueError) as err:  # a damaged file, a bad config, weights that do not fit it
+        raise ConfigError(f"cannot load the model of {run_dir}: {err}") from None
     return model.eval()

@@ -1,4 +1,9 @@
 """Shared pytest fixtures."""
+import os
+
+# Before anything imports huggingface_hub (it reads this once): tests never reach the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 import pytest
 
 from fixtures import make_tiny_omniglot

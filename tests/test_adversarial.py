@@ -49,7 +49,8 @@ def test_short_adversarial_run_moves_the_aggregate_posterior_toward_the_prior(tm
     images = data.tensors()
 
     def content_mmd(run):
-        content, _ = omnivae.load(run).encode(images)
+        with torch.no_grad():
+            content, _ = omnivae.load(run).encode(images)
         return metrics.prior_match(content.numpy(), seed=0)["mmd2"]
 
     free = train(make_config("quick", dict(base, content_regularizer="none", epochs=15)), tmp_path / "free", dataset=data,

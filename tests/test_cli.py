@@ -357,6 +357,8 @@ def test_seed_preset_does_not_collapse_on_real_data(tmp_path):
     """The seed design (MMD, flat split, no labels) with MMD on the aggregate of posterior means:
     codes must spread out and cluster by character far above the collapsed 0.0017 / NMI 0."""
     data_dir = real_data()
+    import torch
+
     from omnivae import load, metrics
     from omnivae.train import train
     from omnivae.config import make_config
@@ -367,7 +369,8 @@ def test_seed_preset_does_not_collapse_on_real_data(tmp_path):
     test = omni_data.load_set("evaluation", 28, data_dir, cache, progress=False)
     pick = np.random.default_rng(0).choice(len(test), 3000, replace=False)
     test = test.subset(np.sort(pick))
-    content, _ = model.encode(test.tensors())
+    with torch.no_grad():
+        content, _ = model.encode(test.tensors())
     content = content.numpy()
     assert content.std(0).mean() > 0.3  # not one code for every image
     scores = metrics.kmeans_scores(content, test.character, seed=0, n_init=1)

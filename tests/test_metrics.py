@@ -8,8 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from omnivae import metrics
-from omnivae.config import make_config
-from omnivae.model import Posterior, StructuredVAE
+from omnivae.model import ModelConfig, Posterior, StructuredVAE
 
 
 # ---- clustering ------------------------------------------------------------------------------
@@ -415,7 +414,7 @@ def test_log_weights_formula():
 
 def test_iwae_reproducible_and_independent_of_chunks():
     torch.manual_seed(0)
-    model = StructuredVAE(make_config("default", dict(channels=4, hidden=16, content_dim=4, style_dim=2)))
+    model = StructuredVAE(ModelConfig(channels=4, hidden=16, content_dim=4, style_dim=2))
     images = metrics.binarize(torch.rand(6, 1, 28, 28) * 0.3, seed=1)
     result = metrics.iwae_nll(model, images, k=64, batch_size=3, chunk=20, seed=0)
     assert metrics.iwae_nll(model, images, k=64, batch_size=3, chunk=20, seed=0) == result
@@ -490,7 +489,7 @@ def test_train_classifier_learns_four_shapes():
 def test_swap_consistency_pipeline():
     torch.manual_seed(0)
     images, labels = _four_shapes(n_per_class=8)
-    model = StructuredVAE(make_config("default", dict(channels=4, hidden=16, content_dim=4, style_dim=2)))
+    model = StructuredVAE(ModelConfig(channels=4, hidden=16, content_dim=4, style_dim=2))
     classifier = metrics.train_classifier(images, labels, epochs=1, seed=0, channels=8)
     result = metrics.swap_consistency(model, classifier, images, labels, pairs=50, seed=0, batch_size=20)
     assert set(result) >= {"swap_consistency", "style_character_rate", "reconstruction_accuracy", "real_accuracy"}

@@ -75,8 +75,9 @@ def test_refuses_to_overwrite_a_trained_run(tmp_path, synthetic):
         train(tiny_config(), tmp_path / "run", dataset=synthetic, progress=False)
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, synthetic, monkeypatch):
-    straight = train(tiny_config(epochs=2), tmp_path / "straight", dataset=synthetic, progress=False)
+@pytest.mark.parametrize("overrides", [dict(), dict(content_regularizer="adversarial", style_adversary_weight=1.0)])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, synthetic, monkeypatch, overrides):
+    straight = train(tiny_config(epochs=2, **overrides), tmp_path / "straight", dataset=synthetic, progress=False)
 
     import omnivae.train as training
     save = training.save_checkpoint
@@ -87,12 +88,16 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, synthet
 
     monkeypatch.setattr(training, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(epochs=2), tmp_path / "half", dataset=synthetic, progress=False)
+        train(tiny_config(epochs=2, **overrides), tmp_path / "half", dataset=synthetic, progress=False)
     monkeypatch.setattr(training, "save_checkpoint", save)
     train(None, tmp_path / "half", dataset=synthetic, progress=False, resume=True)
     a, b = omnivae.load(straight).state_dict(), omnivae.load(tmp_path / "half").state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], msg=key)
+    helpers = [torch.load(run / "train_state.pt", weights_only=True)["modules"] for run in (straight, tmp_path / "half")]
+    for name in helpers[0]:
+        for key in helpers[0][name]:
+            torch.testing.assert_close(helpers[0][name][key], helpers[1][name][key], msg=f"{name}.{key}")
     assert len((tmp_path / "half" / "log.jsonl").read_text().splitlines()) == 2
 
 
@@ -102,6 +107,9 @@ def test_resume_restores_optimiser_and_discriminator(tmp_path, synthetic):
     parts = build_parts(cfg, classes=8, device=torch.device("cpu"))
     assert load_state(run, parts, "cpu") == 1
     assert parts.optimizer.state and parts.disc_optimizer.state  # Adam moments came back
+    saved = torch.load(run / "train_state.pt", weights_only=True)["modules"]["discriminator_content"]
+    for key, value in parts.discriminators["content"].state_dict().items():
+        torch.testing.assert_close(value, saved[key], msg=key)
 
 
 def test_load_rejects_a_folder_without_a_run(tmp_path):
@@ -116,7 +124,8 @@ def test_structured_training_puts_the_factors_in_the_right_halves(tmp_path, synt
                       style_adversary_weight=1.0, val_drawers=(20,))
     run = train(cfg, tmp_path / "run", dataset=synthetic, progress=False)
     model = omnivae.load(run)
-    content, style = (c.numpy() for c in model.encode(synthetic.tensors()))
+    with torch.no_grad():
+        content, style = (c.numpy() for c in model.encode(synthetic.tensors()))
     char, position = synthetic.character, (synthetic.drawer - 1)
 
     def nearest_neighbour_accuracy(codes, labels):
