@@ -1,0 +1,206 @@
+"""The metric registry: one record per metrics.json key, read by everything that names a metric.
+
+A record says which function computes the key (and which field of its result dict it is), which
+way is better, which numbers to show beside it, a short label for tables, a one-line
+description and the paper. `omnivae evaluate` names its keys with `named`, the report, the
+comparison tables and bench/ablation.py read labels, directions, baselines and descriptions
+from `METRICS`, and the README's metric table is `registry_markdown()`:
+
+    python -m omnivae.registry
+
+The functions live in `metrics.py` (and the bookkeeping in `evaluate.py`); the records sit here,
+beside them, in a module that imports nothing heavy, so reports and `--help` stay quick.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+HIGHER, LOWER = "higher", "lower"
+
+LAKE = "Lake et al. 2015; Vinyals et al. 2016"
+XIE = "Xie et al. 2016"
+NMI = "Strehl and Ghosh 2002"
+CI95 = "Finn et al. 2017"
+SWAP = "Mathieu et al. 2016; Bouchacourt et al. 2018"
+IWAE = "Burda et al. 2016"
+PRIOR = "Gretton et al. 2012; Makhzani et al. 2016"
+KL = "Kingma and Welling 2014"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metrics.json key and everything a table, chart or document needs to show it."""
+
+    key: str  # the metrics.json key
+    label: str  # short name for table headers and chart titles
+    description: str  # one line: what the number measures
+    direction: str | None  # HIGHER or LOWER is better; None for counts, settings, references and intervals
+    function: str  # "module.function" in omnivae that computes it, e.g. "metrics.few_shot_accuracy"
+    field: str | None = None  # the field of that function's result dict; None: evaluate writes it itself
+    where: tuple = ()  # (name, value) pairs telling apart the records of one function (codes, ways, ...)
+    baselines: tuple[str, ...] = ()  # keys of the reference numbers shown beside it
+    ci95_of: str | None = None  # for a 95% half-width: the key of the value it qualifies
+    paper: str = ""  # where the metric comes from
+    seed_document: float | None = None  # the seed document's number for this measure
+    chart: bool = False  # drawn as a bar chart on the comparison page
+
+
+def _few_shot(codes: str, ways: int, label: str, description: str, direction: str | None,
+              baselines: tuple[str, ...] = (), chart: bool = False) -> list[Metric]:
+    """The accuracy of `metrics.few_shot_accuracy` on one kind of code and its 95% half-width."""
+    key = f"{codes}_{ways}way_1shot"
+    where = (("codes", codes), ("ways", ways))
+    return [
+        Metric(key, label, description, direction, "metrics.few_shot_accuracy", "accuracy", where, baselines,
+               paper=LAKE, chart=chart),
+        Metric(f"{key}_ci95", f"{label} ±", f"95% half-width of `{key}` over its episodes, 1.96 sd / sqrt(episodes): "
+               "the noise of the episode draw, not of training.", None, "metrics.few_shot_accuracy", "ci95", where,
+               ci95_of=key, paper=CI95),
+    ]
+
+
+def _kmeans(codes: str, label: str, what: str, note: str, direction: str, beside_pixels: bool = False,
+            seed_document: float | None = None, chart: bool = False) -> list[Metric]:
+    """Accuracy and NMI of `metrics.kmeans_scores` on one kind of code, beside the raw pixels' if asked."""
+    where = (("codes", codes),)
+    return [
+        Metric(f"{codes}_kmeans_accuracy", f"{label}k-means acc",
+               f"k-means on {what} with K = number of characters, clusters matched one-to-one to characters "
+               f"(Hungarian): the fraction matched.{note}", direction, "metrics.kmeans_scores", "accuracy", where,
+               ("pixel_kmeans_accuracy",) if beside_pixels else (), paper=XIE, seed_document=seed_document,
+               chart=chart),
+        Metric(f"{codes}_nmi", f"{label}NMI", f"Normalised mutual information between the k-means clusters of "
+               f"{what} and the characters.{note}", direction, "metrics.kmeans_scores", "nmi", where,
+               ("pixel_nmi",) if beside_pixels else (), paper=NMI, chart=chart),
+    ]
+
+
+def _prior(part: str) -> list[Metric]:
+    """`metrics.prior_match` of one part, on sampled codes and, secondary, on the means."""
+    floor = f"prior_mmd2_floor_{part}"
+    sampled = (("part", part), ("codes", "sampled"))
+    means = (("part", part), ("codes", "means"))
+    return [
+        Metric(f"prior_mmd2_{part}", f"MMD2 {part}",
+               f"Prior match of the aggregate posterior: unbiased MMD^2 (IMQ kernels) between one {part} code per "
+               "image sampled from q(z|x), z = mu + sigma * eps, and as many N(0, I) samples; at the floor when "
+               "they match.", LOWER, "metrics.prior_match", "mmd2", sampled, (floor,), paper=PRIOR),
+        Metric(floor, f"MMD2 floor {part}", f"MMD^2 between two independent N(0, I) samples of the same size: the "
+               f"noise floor of `prior_mmd2_{part}` and `prior_mmd2_means_{part}`.", None, "metrics.prior_match",
+               "mmd2_floor", sampled, paper=PRIOR),
+        Metric(f"prior_gaussian_kl_{part}", f"fitted KL {part}",
+               f"KL(N(mean, covariance) || N(0, I)) of a full-covariance Gaussian fitted to the sampled {part} "
+               "codes, in nats: the prior match of the first two moments.", LOWER, "metrics.prior_match",
+               "gaussian_kl", sampled, paper=PRIOR),
+        Metric(f"prior_mmd2_means_{part}", f"MMD2 {part} means",
+               f"Secondary: `prior_mmd2_{part}` on the posterior means instead of sampled codes (same prior "
+               "samples). The means are narrower than the aggregate posterior, so this is not the prior match.",
+               LOWER, "metrics.prior_match", "mmd2", means, (floor,), paper=PRIOR),
+        Metric(f"prior_gaussian_kl_means_{part}", f"fitted KL {part} means",
+               f"Secondary: `prior_gaussian_kl_{part}` on the posterior means instead of sampled codes.",
+               LOWER, "metrics.prior_match", "gaussian_kl", means, paper=PRIOR),
+    ]
+
+
+_RECORDS: list[Metric] = [
+    # What the numbers were computed on.
+    Metric("protocol_version", "protocol", "Version of the evaluation protocol (2: Lake et al. episodes with 95% "
+           "intervals, leakage references, prior match on sampled codes, one random stream per use); "
+           "`omnivae compare` warns when runs differ.", None, "evaluate.evaluate"),
+    Metric("split", "split", "The images scored: `evaluation` (20 unseen alphabets: the numbers to report) or "
+           "`validation` (background alphabets a val_holdout run never trained on: for every choice).",
+           None, "evaluate.evaluate"),
+    Metric("split_description", "split (in words)", "The split in words.", None, "evaluate.evaluate"),
+    Metric("test_images", "images", "Images in the scored split (fewer with --subset, which keeps whole "
+           "alphabets).", None, "evaluate.evaluate"),
+    # Rate.
+    Metric("kl_total", "per-image KL", "Per-image KL(q(z|x) || N(0, I)), content plus style, in nats: the seed "
+           "document's \"KL divergence\". A rate, not a prior match: 0 means the codes carry no information.",
+           None, "metrics.per_image_kl", "kl_total", paper=KL, seed_document=63.1432, chart=True),
+    Metric("kl_content", "KL content", "Per-image posterior KL of the content code, in nats.", None,
+           "metrics.per_image_kl", "kl_content", paper=KL),
+    Metric("kl_style", "KL style", "Per-image posterior KL of the style code, in nats.", None,
+           "metrics.per_image_kl", "kl_style", paper=KL),
+    # Structure: clustering.
+    *_kmeans("content", "", "content means", "", HIGHER, beside_pixels=True, seed_document=0.0017, chart=True),
+    *_kmeans("style", "style ", "style means", " Lower: less character in the style code.", LOWER,
+             beside_pixels=True),
+    *_kmeans("pixel", "pixel ", "raw pixels", " The baseline.", HIGHER),
+    # Structure: Lake et al. one-shot episodes.
+    *_few_shot("content", 20, "20-way 1-shot", "Lake et al. episodes: 20 characters of one alphabet drawn by a "
+               "support drawer and by a query drawer; each query takes the character of its nearest support "
+               "(cosine, content means). Mean over episodes; chance 0.05.", HIGHER, ("pixel_20way_1shot",),
+               chart=True),
+    *_few_shot("content", 5, "5-way 1-shot", "The same episodes with 5 characters; chance 0.2.", HIGHER,
+               ("pixel_5way_1shot",)),
+    *_few_shot("style", 20, "style leakage", "Style leakage: the 20-way episodes on style means; a code of the "
+               "hand alone scores chance (0.05), since an episode's supports share one drawer.", LOWER,
+               ("drawer_code_20way_1shot", "random_code_20way_1shot"), chart=True),
+    *_few_shot("drawer_code", 20, "drawer code", "Leakage reference: the same episodes on a one-hot code of the "
+               "drawer alone, what a style code that knows only the hand scores (chance).", None),
+    *_few_shot("random_code", 20, "random code", "Leakage reference: the same episodes on random N(0, I) codes of "
+               "the style code's size (chance).", None),
+    *_few_shot("pixel", 20, "pixel 20-way 1-shot", "The 20-way episodes on raw pixels: the baseline.", HIGHER),
+    *_few_shot("pixel", 5, "pixel 5-way 1-shot", "The 5-way episodes on raw pixels: the baseline.", HIGHER),
+    # Disentanglement: swaps judged by a character classifier.
+    Metric("swap_consistency", "swap", "Decode (content of A, style of B) for pairs of different characters "
+           "(held-out drawers of the training characters): how often an independent classifier names A's "
+           "character.", HIGHER, "metrics.swap_consistency", "swap_consistency", paper=SWAP, chart=True),
+    Metric("style_character_rate", "swap names B", "The same swaps: how often the classifier names B's character "
+           "(character in the style code).", LOWER, "metrics.swap_consistency", "style_character_rate", paper=SWAP),
+    Metric("recon_consistency", "swap ceiling", "The classifier on decode(content A, style A): the ceiling a swap "
+           "can reach given the decoder's blur.", HIGHER, "metrics.swap_consistency", "reconstruction_accuracy",
+           paper=SWAP),
+    Metric("classifier_accuracy", "judge accuracy", "The classifier that judges the swaps, on real held-out "
+           "drawings: its own ceiling.", None, "metrics.swap_consistency", "real_accuracy", paper=SWAP),
+    # Likelihood.
+    Metric("nll_iwae", "NLL (nats)", "Negative log-likelihood per dynamically binarised test image, k-sample "
+           "importance-weighted bound with the encoder as proposal, in nats.", LOWER, "metrics.iwae_nll", "nll",
+           paper=IWAE, chart=True),
+    Metric("elbo_nll", "-ELBO (nats)", "Negative ELBO per image from the same samples, in nats: never below "
+           "`nll_iwae`.", LOWER, "metrics.iwae_nll", "elbo_nll", paper=IWAE),
+    Metric("nll_k", "NLL samples", "Importance samples per image behind `nll_iwae`.", None, "metrics.iwae_nll", "k"),
+    Metric("nll_images", "NLL images", "Test images behind `nll_iwae` (a fixed subset).", None, "evaluate.evaluate"),
+    # Prior match of the aggregate posterior.
+    *_prior("content"),
+    *_prior("style"),
+    Metric("eval_seconds", "eval s", "Seconds the evaluation took.", None, "evaluate.evaluate"),
+]
+
+METRICS: dict[str, Metric] = {m.key: m for m in _RECORDS}  # every metrics.json key, in table order
+CI95: dict[str, str] = {m.ci95_of: m.key for m in _RECORDS if m.ci95_of}  # value key -> its half-width's key
+
+
+def _function_name(function: Callable) -> str:
+    return f"{function.__module__.rpartition('.')[2]}.{function.__name__}"
+
+
+def named(function: Callable, result: dict, **where) -> dict:
+    """The metrics.json entries of one call: {key: result[field]} for every record of `function`
+    with these `where` values (e.g. codes="content", ways=20). This is the one place a result's
+    fields become keys; fields no record names are not written."""
+    name = _function_name(function)
+    chosen = [m for m in _RECORDS if m.function == name and m.field is not None and dict(m.where) == where]
+    if not chosen:
+        raise KeyError(f"the metric registry has no record of {name} with {where}")
+    return {m.key: result[m.field] for m in chosen}
+
+
+def registry_markdown() -> str:
+    """The README's metric table: one row per key (a 95% half-width shares its value's row)."""
+    lines = ["| key | better | what it measures | shown beside | reference |", "| --- | --- | --- | --- | --- |"]
+    for m in _RECORDS:
+        if m.ci95_of:
+            continue
+        key = f"`{m.key}`" + (f" ± `{CI95[m.key]}`" if m.key in CI95 else "")
+        beside = ", ".join(f"`{b}`" for b in m.baselines)
+        if m.seed_document is not None:
+            beside = ", ".join(filter(None, [beside, f"seed document: {m.seed_document:g}"]))
+        cells = [key, m.direction or "", m.description, beside, m.paper]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(registry_markdown(), end="")
