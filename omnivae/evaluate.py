@@ -1,4 +1,8 @@
-"""`omnivae evaluate`: every metric on the evaluation set (unseen alphabets), figures, metrics.json."""
+"""`omnivae evaluate`: every metric on the evaluation set (unseen alphabets), figures, metrics.json.
+
+Every metrics.json key is a record of `omnivae.registry`; `named` turns a metric function's result
+into those keys, so nothing here renames them.
+"""
 from __future__ import annotations
 
 import json
@@ -13,6 +17,7 @@ from tqdm.auto import tqdm
 from . import data as omni_data
 from . import generate, metrics, plots
 from .config import Config, ConfigError
+from .registry import named
 from .train import load, resolve_device, write_text_atomic
 
 TSNE_POINTS = 4000  # drawings in the by-alphabet t-SNE maps
@@ -64,10 +69,11 @@ def whole_alphabets(test: omni_data.Omniglot, images: int, seed: int) -> omni_da
     return test.subset(np.isin(test.alphabet, keep))
 
 
-def _few_shot(results: dict, name: str, codes, test: omni_data.Omniglot, ways: int, episodes: int, seed: int) -> None:
-    """results[name_{ways}way_1shot] and its _ci95: few-shot accuracy on the episodes of `seed`."""
+def _few_shot(name: str, codes, test: omni_data.Omniglot, ways: int, episodes: int, seed: int) -> dict:
+    """The registry's keys for the few-shot accuracy of codes `name` (and its 95% half-width) on the
+    episodes of `seed`."""
     score = metrics.few_shot_accuracy(codes, test.character, test.alphabet, test.drawer, ways, episodes, seed)
-    results[f"{name}_{ways}way_1shot"], results[f"{name}_{ways}way_1shot_ci95"] = score["accuracy"], score["ci95"]
+    return named(metrics.few_shot_accuracy, score, codes=name, ways=ways)
 
 
 def pixel_baseline(test: omni_data.Omniglot, seed: int, cache_dir, episodes: int) -> dict:
@@ -83,9 +89,9 @@ def pixel_baseline(test: omni_data.Omniglot, seed: int, cache_dir, episodes: int
     streams = metrics.eval_streams(seed)
     pixels = test.images.reshape(len(test), -1).astype(np.float64) / 255.0
     clusters = metrics.kmeans_scores(pixels, test.character, seed=streams["kmeans"])
-    result = {"pixel_kmeans_accuracy": clusters["accuracy"], "pixel_nmi": clusters["nmi"]}
+    result = named(metrics.kmeans_scores, clusters, codes="pixel")
     for ways in (20, 5):
-        _few_shot(result, "pixel", pixels, test, ways, episodes, streams["episodes"])
+        result.update(_few_shot("pixel", pixels, test, ways, episodes, streams["episodes"]))
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         _atomic_json(path, result)
@@ -131,7 +137,8 @@ def code_metrics(codes: dict, test: omni_data.Omniglot, seed: int, episodes: int
     with the same prior samples).
     """
     streams = metrics.eval_streams(seed)
-    results = metrics.per_image_kl(codes["content_mean"], codes["content_logvar"], codes["style_mean"], codes["style_logvar"])
+    kl = metrics.per_image_kl(codes["content_mean"], codes["content_logvar"], codes["style_mean"], codes["style_logvar"])
+    results = named(metrics.per_image_kl, kl)
     # One z ~ q(z | x) per image, content and style drawn together: a sample of the aggregate posterior.
     content_dim = codes["content_mean"].shape[1]
     sampled = metrics.sample_posterior(np.concatenate([codes["content_mean"], codes["style_mean"]], 1),
@@ -142,22 +149,19 @@ def code_metrics(codes: dict, test: omni_data.Omniglot, seed: int, episodes: int
     for part in ("content", "style"):
         means = codes[f"{part}_mean"]
         scores = metrics.kmeans_scores(means, test.character, seed=streams["kmeans"])
-        results[f"{part}_kmeans_accuracy"], results[f"{part}_nmi"] = scores["accuracy"], scores["nmi"]
+        results.update(named(metrics.kmeans_scores, scores, codes=part))
         for ways in (20, 5) if part == "content" else (20,):
-            _few_shot(results, part, means, test, ways, episodes, streams["episodes"])
+            results.update(_few_shot(part, means, test, ways, episodes, streams["episodes"]))
         match = metrics.prior_match(sampled[part], seed=prior_seeds[part])
-        results[f"prior_mmd2_{part}"] = match["mmd2"]
-        results[f"prior_mmd2_floor_{part}"] = match["mmd2_floor"]
-        results[f"prior_gaussian_kl_{part}"] = match["gaussian_kl"]
+        results.update(named(metrics.prior_match, match, part=part, codes="sampled"))
         match = metrics.prior_match(means, seed=prior_seeds[part])
-        results[f"prior_mmd2_means_{part}"] = match["mmd2"]
-        results[f"prior_gaussian_kl_means_{part}"] = match["gaussian_kl"]
+        results.update(named(metrics.prior_match, match, part=part, codes="means"))
 
     _, drawer_index = np.unique(test.drawer, return_inverse=True)
     drawer_code = np.eye(drawer_index.max() + 1)[drawer_index]  # (N, drawers) one-hot
     random_code = np.random.default_rng(streams["random_codes"]).standard_normal(codes["style_mean"].shape)  # (N, Ds)
-    _few_shot(results, "drawer_code", drawer_code, test, 20, episodes, streams["episodes"])
-    _few_shot(results, "random_code", random_code, test, 20, episodes, streams["episodes"])
+    results.update(_few_shot("drawer_code", drawer_code, test, 20, episodes, streams["episodes"]))
+    results.update(_few_shot("random_code", random_code, test, 20, episodes, streams["episodes"]))
     return results
 
 
@@ -224,8 +228,7 @@ def evaluate(
             held_out = omni_data.split_by_alphabet(held_out, cfg.val_alphabets)[0]
         swap = metrics.swap_consistency(model, classifier, held_out.tensors(), held_out.character, pairs=swap_pairs,
                                         seed=streams["swap_pairs"])
-        results.update(swap_consistency=swap["swap_consistency"], style_character_rate=swap["style_character_rate"],
-                       recon_consistency=swap["reconstruction_accuracy"], classifier_accuracy=swap["real_accuracy"])
+        results.update(named(metrics.swap_consistency, swap))
     done("swap consistency")
 
     if nll_k:
@@ -234,7 +237,7 @@ def evaluate(
         )
         binary = metrics.binarize(images[chosen], seed=streams["binarize"])
         likelihood = metrics.iwae_nll(model, binary, k=nll_k, seed=streams["iwae"], progress=progress)
-        results.update(nll_iwae=likelihood["nll"], elbo_nll=likelihood["elbo_nll"], nll_k=nll_k, nll_images=len(chosen))
+        results.update(named(metrics.iwae_nll, likelihood), nll_images=len(chosen))
     done("likelihood")
 
     if figures:

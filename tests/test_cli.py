@@ -15,6 +15,7 @@ import omnivae
 from fixtures import make_tiny_omniglot
 from omnivae import cli
 from omnivae import data as omni_data
+from omnivae.registry import METRICS
 
 COMMANDS = ("fetch", "config", "train", "evaluate", "run", "sample", "swap", "one-shot", "interpolate", "report",
             "compare")
@@ -232,6 +233,8 @@ def test_cli_smoke_run_on_tiny_data(tmp_path, tiny_sets, capsys):
             "--episodes", "20", "--swap-pairs", "20", *common]
     assert cli.main(args) == 0
     metrics = json.loads((run / "metrics.json").read_text())
+    # Every key evaluate writes is a registry record, and a full evaluation writes every record.
+    assert set(metrics) == set(METRICS), set(metrics) ^ set(METRICS)
     for key in ("kl_total", "content_kmeans_accuracy", "content_nmi", "content_20way_1shot", "style_20way_1shot",
                 "pixel_kmeans_accuracy", "swap_consistency", "nll_iwae", "elbo_nll", "prior_mmd2_content"):
         assert np.isfinite(metrics[key]), key

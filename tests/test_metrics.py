@@ -594,9 +594,11 @@ def _known_codes(style: str, seed=0):
 @pytest.mark.filterwarnings("ignore:Number of distinct clusters")  # k-means of 8 distinct drawer codes into 50
 def test_code_metrics_known_answers(tmp_path):
     from omnivae.evaluate import code_metrics, pixel_baseline
+    from omnivae.registry import METRICS
 
     test, codes = _known_codes("random")
     results = code_metrics(codes, test, seed=0, episodes=500)
+    assert set(results) <= set(METRICS)  # every key is a registry record
     # Content codes name the character: perfect few-shot and clustering.
     for key in ("content_20way_1shot", "content_5way_1shot"):
         assert results[key] == 1.0 and results[f"{key}_ci95"] == 0.0
@@ -624,6 +626,7 @@ def test_code_metrics_known_answers(tmp_path):
 
     # Raw pixels on the same episodes, cached under a protocol-versioned name.
     pixels = pixel_baseline(test, seed=0, cache_dir=tmp_path, episodes=500)
+    assert set(pixels) <= set(METRICS)
     assert pixels["pixel_20way_1shot"] == pixels["pixel_5way_1shot"] == 1.0
     assert pixels["pixel_20way_1shot_ci95"] == 0.0 and pixels["pixel_kmeans_accuracy"] > 0.95
     (cached,) = tmp_path.glob("pixels_*.json")
