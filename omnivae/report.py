@@ -4,8 +4,8 @@ A run folder holds config.json, log.jsonl, run.json (where and how fast it train
 metrics.json (from evaluation) and figures/*.png. `write_report` turns them into
 run_dir/report.html: figures are embedded as base64 data URIs and the CSS is inline, so the
 file opens offline and can be mailed around. `compare` and `write_compare_page` put the
-metrics of several runs side by side. `METRICS` is the one list of metric names and what
-they mean; the README and the comparison tables read it from here.
+metrics of several runs side by side. What each metrics.json key means, which way is better
+and which numbers go beside it come from the metric registry (`omnivae.registry.METRICS`).
 """
 from __future__ import annotations
 
@@ -15,61 +15,12 @@ import html
 import io
 import json
 import math
+import re
 import tempfile
 from pathlib import Path
 
 from .plots import atomic_write, bar_chart
-
-# Every metric evaluation writes to metrics.json, in the order tables show them, with one line
-# saying what it measures. Keys not listed here still appear, under "other values".
-METRICS: dict[str, str] = {
-    "split": "Which images the numbers below were computed on.",
-    "test_images": "Images in the evaluation split.",
-    "kl_total": "KL(q(z|x) || N(0, I)) per image, content plus style, in nats: the seed document's metric. A rate, not a prior match: 0 means codes carry no information.",
-    "kl_content": "Per-image posterior KL of the content code, in nats.",
-    "kl_style": "Per-image posterior KL of the style code, in nats.",
-    "content_kmeans_accuracy": "k-means on content means, one cluster per character, best one-to-one match to characters (higher is better).",
-    "content_nmi": "Normalised mutual information between k-means clusters of content means and characters (higher is better).",
-    "style_kmeans_accuracy": "k-means clustering accuracy of style means against characters (lower: less character in the style code).",
-    "style_nmi": "NMI of style-mean clusters against characters (lower: less character in the style code).",
-    "pixel_kmeans_accuracy": "k-means clustering accuracy on raw pixels: the baseline for clustering accuracy.",
-    "pixel_nmi": "NMI of k-means clusters on raw pixels: the baseline for NMI.",
-    "content_20way_1shot": "20-way 1-shot nearest-neighbour classification with content means, unseen characters (higher is better; chance 0.05).",
-    "content_5way_1shot": "5-way 1-shot nearest-neighbour classification with content means (higher is better; chance 0.2).",
-    "style_20way_1shot": "Style leakage: 20-way 1-shot classification with style means (lower is better; chance 0.05).",
-    "pixel_20way_1shot": "20-way 1-shot nearest-neighbour classification on raw pixels: the baseline.",
-    "swap_consistency": "Decode (content of A, style of B): how often an independent classifier names A's character (higher is better).",
-    "style_character_rate": "Decode (content of A, style of B): how often the classifier names B's character (lower: less character in the style code).",
-    "classifier_accuracy": "Accuracy of the character classifier that judges the swaps, on real held-out drawings: its own ceiling.",
-    "recon_consistency": "The classifier on decode(content A, style A): the ceiling a swap can reach given the decoder's blur.",
-    "nll_iwae": "Negative log-likelihood per binarised image, importance-weighted (IWAE) bound, in nats (lower is better).",
-    "elbo_nll": "Negative ELBO per image from the same samples, in nats: never below the IWAE NLL (lower is better).",
-    "nll_k": "Importance samples per image used for nll_iwae.",
-    "nll_images": "Images used for the NLL estimates.",
-    "prior_mmd2_content": "MMD^2 between content means and N(0, I) samples (lower: the aggregate posterior matches the prior).",
-    "prior_mmd2_floor_content": "MMD^2 between two N(0, I) samples of the same size: the noise floor for prior_mmd2_content.",
-    "prior_gaussian_kl_content": "KL from a Gaussian fitted to the content means to N(0, I), in nats (lower is better).",
-    "prior_mmd2_style": "MMD^2 between style means and N(0, I) samples (lower is better).",
-    "prior_mmd2_floor_style": "MMD^2 between two N(0, I) samples of the same size: the noise floor for prior_mmd2_style.",
-    "prior_gaussian_kl_style": "KL from a Gaussian fitted to the style means to N(0, I), in nats (lower is better).",
-    "eval_seconds": "Seconds the evaluation took.",
-}
-
-# The raw-pixel number each metric is shown beside.
-PIXEL_BASELINE: dict[str, str] = {
-    "content_kmeans_accuracy": "pixel_kmeans_accuracy",
-    "content_nmi": "pixel_nmi",
-    "style_kmeans_accuracy": "pixel_kmeans_accuracy",
-    "style_nmi": "pixel_nmi",
-    "content_20way_1shot": "pixel_20way_1shot",
-    "style_20way_1shot": "pixel_20way_1shot",
-}
-
-# The numbers the seed document reports, beside the metric each corresponds to.
-SEED_DOCUMENT: dict[str, float] = {
-    "kl_total": 63.1432,  # "KL divergence"
-    "content_kmeans_accuracy": 0.0017,  # "clustering accuracy"
-}
+from .registry import CI95, METRICS
 
 # Figures a run may hold, in the order the report shows them, with their captions.
 FIGURES: dict[str, str] = {
@@ -85,10 +36,6 @@ FIGURES: dict[str, str] = {
     "training_curves.png": "Training curves: each logged term per epoch, training and validation on the same axes.",
 }
 _GRID_FIGURES = {"reconstructions.png", "samples.png", "swap.png", "one_shot.png", "interpolation.png"}
-
-# Metrics drawn as bar charts on the comparison page, when any run has them.
-KEY_METRICS = ("content_kmeans_accuracy", "content_nmi", "content_20way_1shot", "style_20way_1shot",
-               "swap_consistency", "kl_total", "nll_iwae")
 
 _RUN_INFO = (  # run.json key -> label in "How it was trained"
     ("device", "Device"),
@@ -114,6 +61,7 @@ tbody tr:nth-child(even) td { background: #fafbfc; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 td.key, td.metric { font-family: ui-monospace, "SF Mono", Menlo, Consolas, monospace; font-size: 13px; white-space: nowrap; }
 td.desc { color: #4a5161; font-size: 13px; }
+td.better { color: #4a5161; font-size: 13px; white-space: nowrap; }
 td.missing { color: #9aa1ad; text-align: center; }
 figure { margin: 18px 0 30px; }
 figure img { max-width: 100%; height: auto; border: 1px solid #e3e6ea; display: block; }
@@ -224,6 +172,28 @@ def format_seconds(seconds) -> str:
     return f"{seconds:.1f} s"
 
 
+def format_with_ci95(key: str, values: dict) -> str:
+    """format_metric of values[key], followed by " ± half-width" when `values` holds the key's 95%
+    half-width (e.g. content_20way_1shot and content_20way_1shot_ci95 -> "0.8000 ± 0.0100")."""
+    text = format_metric(key, values[key])
+    half_width = values.get(CI95.get(key))
+    if _is_number(half_width):
+        text += f" ± {format_value(half_width)}"
+    return text
+
+
+def _shown_with_its_value(key: str, keys) -> bool:
+    """Is `key` a 95% half-width whose value is among `keys` (so it is shown as "value ± it")?"""
+    metric = METRICS.get(key)
+    return metric is not None and metric.ci95_of is not None and metric.ci95_of in keys
+
+
+def _better(key: str) -> str:
+    """"higher" or "lower" (which way is better), or "" for counts, settings and references."""
+    metric = METRICS.get(key)
+    return (metric.direction or "") if metric else ""
+
+
 def _run_info_value(key: str, value) -> str:
     if key == "train_seconds" and isinstance(value, (int, float)):
         return format_seconds(value)
@@ -238,6 +208,11 @@ def _is_number(value) -> bool:
 
 def _e(value) -> str:
     return html.escape(str(value), quote=True)
+
+
+def _describe(text: str) -> str:
+    """A registry description as HTML: escaped, with `key` spans set as code."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", _e(text))
 
 
 # ----------------------------------------------------------------------------- the report
@@ -276,29 +251,34 @@ def _kv_table(rows: list[tuple[str, str]], table_id: str, per_line: int = 1, nam
 
 
 def _metrics_tables(metrics: dict) -> str:
-    """The metrics table (metric, this run, raw pixels, seed document, description) and an
-    "other values" table for keys METRICS does not know."""
-    shown_as_baseline = {PIXEL_BASELINE[k] for k in PIXEL_BASELINE if k in metrics}
+    """The metrics table (metric, this run, the numbers beside it, seed document, which way is
+    better, description), in registry order, and an "other values" table for keys the registry
+    does not know."""
+    beside = {b for key in metrics if key in METRICS for b in METRICS[key].baselines if b in metrics}
     rows = []
-    for key, description in METRICS.items():
-        if key not in metrics or key in shown_as_baseline:
+    for metric in METRICS.values():
+        key = metric.key
+        if key not in metrics or key in beside or _shown_with_its_value(key, metrics):
             continue
-        pixel_key = PIXEL_BASELINE.get(key)
-        pixel = format_value(metrics[pixel_key]) if pixel_key in metrics else "-"
-        seed = format_value(SEED_DOCUMENT[key]) if key in SEED_DOCUMENT else "-"
+        references = "; ".join(f"{METRICS[b].label}: {format_with_ci95(b, metrics)}"
+                               for b in metric.baselines if b in metrics) or "-"
+        seed = format_value(metric.seed_document) if metric.seed_document is not None else "-"
+        better = _better(key)
         num = "num" if _is_number(metrics[key]) else ""
         rows.append(
-            f'<tr><td class="metric">{_e(key)}</td><td class="{num}">{_e(format_metric(key, metrics[key]))}</td>'
-            f'<td class="{"num" if pixel != "-" else "missing"}">{_e(pixel)}</td>'
+            f'<tr><td class="metric">{_e(key)}</td><td class="{num}">{_e(format_with_ci95(key, metrics))}</td>'
+            f'<td class="{"num" if references != "-" else "missing"}">{_e(references)}</td>'
             f'<td class="{"num" if seed != "-" else "missing"}">{_e(seed)}</td>'
-            f'<td class="desc">{_e(description)}</td></tr>')
+            f'<td class="better">{_e(better)}</td>'
+            f'<td class="desc">{_describe(metric.description)}</td></tr>')
     if rows:
-        out = ('<table id="metrics"><thead><tr><th>metric</th><th>this run</th><th>raw pixels</th>'
-               f'<th>seed document</th><th>what it measures</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
+        out = ('<table id="metrics"><thead><tr><th>metric</th><th>this run</th><th>beside it</th>'
+               '<th>seed document</th><th>better</th><th>what it measures</th></tr></thead>'
+               f'<tbody>{"".join(rows)}</tbody></table>')
     else:
         out = '<p class="note">No metrics.json in this run folder: run the evaluation to fill this table.</p>'
-        seeds = "".join(f'<tr><td class="metric">{_e(k)}</td><td class="num">{_e(format_value(v))}</td></tr>'
-                        for k, v in SEED_DOCUMENT.items())
+        seeds = "".join(f'<tr><td class="metric">{_e(m.key)}</td><td class="num">{_e(format_value(m.seed_document))}'
+                        "</td></tr>" for m in METRICS.values() if m.seed_document is not None)
         out += ('<p>The seed document reports:</p><table id="seed-document"><thead><tr><th>metric</th>'
                 f'<th>seed document</th></tr></thead><tbody>{seeds}</tbody></table>')
     other = [(k, format_metric(k, v)) for k, v in metrics.items() if k not in METRICS]
@@ -359,8 +339,9 @@ def write_report(run_dir) -> Path:
         parts.append('<p class="note">No readable config.json in this run folder.</p>')
 
     parts.append("<h2>Metrics</h2>")
-    parts.append("<p>Each number is beside the same measure on raw pixels and, where it reports one, "
-                 "the seed document's value.</p>")
+    parts.append("<p>Each number is beside its references (the same measure on raw pixels, the chance "
+                 "references of style leakage, the noise floor of the prior match) and, where it reports one, "
+                 "the seed document's value. ± is the 95% interval over few-shot episodes.</p>")
     parts.append(_metrics_tables(metrics))
 
     parts.append("<h2>Figures</h2>")
@@ -395,8 +376,9 @@ def _run_names(run_dirs: list[Path]) -> list[str]:
     return [f"{p.resolve().parent.name}/{n}" if names.count(n) > 1 else n for p, n in zip(run_dirs, names)]
 
 
-def _compare_rows(run_dirs) -> tuple[list[str], list[list[str]], list[dict]]:
-    """Header and rows of the comparison table, plus each run's raw values."""
+def _compare_rows(run_dirs, fold_ci95: bool = True) -> tuple[list[str], list[list[str]], list[dict]]:
+    """Header and rows of the comparison table, plus each run's raw values. fold_ci95: show a 95%
+    half-width beside its value ("0.80 ± 0.01") rather than in a column of its own."""
     run_dirs = [Path(p) for p in run_dirs]
     values = []
     for run_dir in run_dirs:
@@ -406,11 +388,13 @@ def _compare_rows(run_dirs) -> tuple[list[str], list[list[str]], list[dict]]:
             found["train_seconds"] = info["train_seconds"]
         values.append(found)
     columns = [k for k in METRICS if any(k in v for v in values)]
+    if fold_ci95:
+        columns = [k for k in columns if not _shown_with_its_value(k, columns)]
     if any("train_seconds" in v for v in values):
         columns.append("train_seconds")
+    show = format_with_ci95 if fold_ci95 else (lambda k, v: format_metric(k, v[k]))
     header = ["run"] + columns
-    rows = [[name] + [format_metric(k, v[k]) if k in v else "-" for k in columns]
-            for name, v in zip(_run_names(run_dirs), values)]
+    rows = [[name] + [show(k, v) if k in v else "-" for k in columns] for name, v in zip(_run_names(run_dirs), values)]
     return header, rows, values
 
 
@@ -434,10 +418,11 @@ def protocol_warnings(run_dirs) -> list[str]:
 def compare(run_dirs, fmt: str = "table") -> str:
     """The metrics of several runs, one row per run: fmt "table" (aligned text), "markdown" or "csv".
 
-    Columns are the metrics any run has, in METRICS order, then train_seconds; "-" marks a
-    value a run lacks.
+    Columns are the metrics any run has, in registry order, then train_seconds; "-" marks a
+    value a run lacks. "table" and "markdown" show a 95% half-width beside its value
+    ("0.8000 ± 0.0100"); "csv" keeps every key in a column of its own, as plain numbers.
     """
-    header, rows, _ = _compare_rows(run_dirs)
+    header, rows, _ = _compare_rows(run_dirs, fold_ci95=fmt != "csv")
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
@@ -477,27 +462,33 @@ def write_compare_page(run_dirs, path) -> Path:
              f"<tbody>{body_rows}</tbody></table></div>"]
     described = [k for k in header[1:] if k in METRICS]
     if described:
-        items = "".join(f'<tr><td class="metric">{_e(k)}</td><td class="desc">{_e(METRICS[k])}</td></tr>'
-                        for k in described)
-        parts.append(f"<h2>What the columns mean</h2><table><tbody>{items}</tbody></table>")
-    charts = [k for k in KEY_METRICS if any(_is_number(v.get(k)) for v in values)]
+        items = "".join(f'<tr><td class="metric">{_e(k)}</td><td>{_e(METRICS[k].label)}</td>'
+                        f'<td class="better">{_e(_better(k))}</td>'
+                        f'<td class="desc">{_describe(METRICS[k].description)}</td></tr>' for k in described)
+        parts.append('<h2>What the columns mean</h2><table><thead><tr><th>metric</th><th>label</th><th>better</th>'
+                     f"<th>what it measures</th></tr></thead><tbody>{items}</tbody></table>")
+    charts = [m for m in METRICS.values() if m.chart and any(_is_number(v.get(m.key)) for v in values)]
     if charts:
         parts.append('<h2>Key metrics</h2><div class="charts">')
         with tempfile.TemporaryDirectory() as tmp:
-            for key in charts:
+            for metric in charts:
+                key = metric.key
                 numbers = [v.get(key) if _is_number(v.get(key)) else None for v in values]
-                pixel_key = PIXEL_BASELINE.get(key)
-                pixels = [v[pixel_key] for v in values if _is_number(v.get(pixel_key))]
-                # A dashed reference line: the raw-pixel baseline, else the seed document's number.
+                # A dashed reference line: the first number the registry shows beside this one (raw
+                # pixels, the drawer-code reference), else the seed document's number.
                 reference, label = None, ""
-                if pixels:
-                    reference, label = pixels[0], "raw pixels"
-                elif key in SEED_DOCUMENT:
-                    reference, label = SEED_DOCUMENT[key], "seed document"
-                png = bar_chart(names, numbers, Path(tmp) / f"{key}.png", title=key, reference=reference,
+                for baseline in metric.baselines:
+                    found = [v[baseline] for v in values if _is_number(v.get(baseline))]
+                    if found:
+                        reference, label = found[0], METRICS[baseline].label
+                        break
+                if reference is None and metric.seed_document is not None:
+                    reference, label = metric.seed_document, "seed document"
+                title = f"{metric.label} ({metric.direction} is better)" if metric.direction else metric.label
+                png = bar_chart(names, numbers, Path(tmp) / f"{key}.png", title=title, reference=reference,
                                 reference_label=label)
-                parts.append(f'<figure><img src="{_png_data_uri(png)}" alt="{_e(key)}">'
-                             f"<figcaption><code>{_e(key)}</code>: {_e(METRICS[key])}</figcaption></figure>")
+                parts.append(f'<figure><img src="{_png_data_uri(png)}" alt="{_e(key)}"><figcaption>'
+                             f"<code>{_e(key)}</code>: {_describe(metric.description)}</figcaption></figure>")
         parts.append("</div>")
     path = Path(path)
     with atomic_write(path) as tmp_path:

@@ -13,6 +13,7 @@ from PIL import Image
 
 from omnivae import plots, report
 from omnivae.config import make_config
+from omnivae.registry import METRICS as REGISTRY
 
 METRICS = {
     "split": "evaluation",
@@ -24,7 +25,10 @@ METRICS = {
     "pixel_kmeans_accuracy": 0.21,
     "pixel_nmi": 0.55,
     "content_20way_1shot": 0.912,
+    "content_20way_1shot_ci95": 0.0123,
     "style_20way_1shot": 0.08,
+    "drawer_code_20way_1shot": 0.051,
+    "random_code_20way_1shot": 0.049,
     "pixel_20way_1shot": 0.43,
     "nll_iwae": 95.4321,
     "nll_k": 64,
@@ -74,10 +78,29 @@ def test_report_holds_metrics_baselines_and_seed_numbers(tmp_path):
     assert "0.6123" in row and "0.2100" in row and "0.0017" in row
     row = re.search(r"<tr><td class=\"metric\">kl_total</td>.*?</tr>", metrics_table).group(0)
     assert "41.2500" in row and "63.1432" in row
-    assert html_escape(report.METRICS["content_nmi"]) in row or html_escape(report.METRICS["kl_total"]) in row
+    assert html_escape(REGISTRY["kl_total"].description) in row
+    # A 95% half-width is shown with its value, not in a row of its own.
+    row = re.search(r"<tr><td class=\"metric\">content_20way_1shot</td>.*?</tr>", metrics_table).group(0)
+    assert "0.9120 ± 0.0123" in row and "0.4300" in row
+    assert "content_20way_1shot_ci95" not in page.split('id="other-metrics"')[0].split('id="metrics"')[1]
+    # Style leakage sits beside its references: a code of the drawer alone and random codes.
+    row = re.search(r"<tr><td class=\"metric\">style_20way_1shot</td>.*?</tr>", metrics_table).group(0)
+    assert "drawer code: 0.0510" in row and "random code: 0.0490" in row
     # Unknown keys are shown apart; training facts and config are there.
     assert "mystery_number" in page and "7.5000" in page
     assert "12 min 34 s" in page and "1,234 images/s" in page and "2 of 2" in page
+
+
+def test_report_says_which_way_is_better(tmp_path):
+    page = report.write_report(make_run(tmp_path, figures=False)).read_text()
+    metrics_table = re.search(r'<table id="metrics">.*?</table>', page, re.S).group(0)
+    assert REGISTRY["nll_iwae"].direction == "lower"
+    row = re.search(r"<tr><td class=\"metric\">nll_iwae</td>.*?</tr>", metrics_table).group(0)
+    assert '<td class="better">lower</td>' in row
+    row = re.search(r"<tr><td class=\"metric\">content_nmi</td>.*?</tr>", metrics_table).group(0)
+    assert '<td class="better">higher</td>' in row
+    row = re.search(r"<tr><td class=\"metric\">nll_k</td>.*?</tr>", metrics_table).group(0)
+    assert '<td class="better"></td>' in row  # a count: neither
 
 
 def html_escape(text):
@@ -127,14 +150,17 @@ def test_compare_formats(tmp_path):
     assert len(markdown) == 4  # header, rule, one row per run
     header = [c.strip() for c in markdown[0].strip("|").split("|")]
     assert header[0] == "run" and header[-1] == "train_seconds"
-    assert header[1:-1] == [k for k in report.METRICS if k in METRICS]  # METRICS order, known keys only
+    # Registry order, known keys only, a 95% half-width beside its value rather than in a column.
+    assert header[1:-1] == [k for k in REGISTRY if k in METRICS and k != "content_20way_1shot_ci95"]
     assert markdown[2].startswith("| run_a |") and markdown[3].startswith("| run_b |")
+    assert "0.9120 ± 0.0123" in markdown[2]
 
     rows = list(csv.DictReader(io.StringIO(report.compare([a, b], fmt="csv"))))
     assert [r["run"] for r in rows] == ["run_a", "run_b"]
     assert rows[0]["content_kmeans_accuracy"] == "0.6123" and rows[1]["content_kmeans_accuracy"] == "-"
     assert rows[1]["kl_total"] == "50.0000" and rows[1]["train_seconds"] == "-"
     assert rows[0]["train_seconds"] == "754.2"
+    assert rows[0]["content_20way_1shot"] == "0.9120" and rows[0]["content_20way_1shot_ci95"] == "0.0123"
 
     table = report.compare([a, b]).splitlines()
     assert table[0].split()[0] == "run" and len(table) == 4
@@ -150,6 +176,11 @@ def test_compare_page(tmp_path):
     images = re.findall(r"<img[^>]*>", page)
     assert images and all('src="data:image/png;base64,' in tag for tag in images)
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+    # One chart per key metric any run has, and the column legend says which way is better.
+    charts = [m.key for m in REGISTRY.values() if m.chart and m.key in METRICS]
+    assert len(images) == len(charts) and "nll_iwae" in charts
+    row = re.search(r'<tr><td class="metric">nll_iwae</td>.*?</tr>', page).group(0)
+    assert '<td class="better">lower</td>' in row
 
 
 # ----------------------------------------------------------------------------- in a real browser
