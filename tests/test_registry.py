@@ -1,10 +1,13 @@
 """The metric registry: one complete record per metrics.json key, and the one place keys are named."""
 import importlib
+from pathlib import Path
 
 import pytest
 
 from omnivae import metrics, registry
 from omnivae.registry import CI95, METRICS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_record_is_complete():
@@ -64,3 +67,7 @@ def test_named_maps_each_field_to_its_key_once():
             assert (m.function, m.where, m.field) not in seen, m.key
             seen.add((m.function, m.where, m.field))
 
+
+def test_readme_metric_table_is_the_registry():
+    """The README's table is `python -m omnivae.registry`; regenerate it when a record changes."""
+    assert registry.registry_markdown() in (ROOT / "README.md").read_text()
