@@ -14,12 +14,12 @@ import hashlib
 import io
 import os
 import re
+import stat
 import urllib.error
 import urllib.request
 import uuid
 import warnings
 import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -32,6 +32,11 @@ from tqdm import tqdm
 
 class DataError(Exception):
     """One-line, user-facing error (the CLI prints it without traceback)."""
+
+    def __init__(self, message: str):
+        # Member names and other libraries' messages may hold line breaks or other control
+        # characters: escape them, so that the message stays one line.
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message)))
 
 
 class SetInfo(NamedTuple):
@@ -50,10 +55,11 @@ SETS = {
 }
 SIZES = (28, 32, 64, 105)
 SOURCE_SIZE = 105  # every upstream image is 105x105
+MAX_IMAGE_BYTES = 20 * 2**20  # an upstream PNG is about 1 kB; larger files and zip members are refused unread
 URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/{folder}.zip"
 
-_CACHE_VERSION = 1  # bump when decoding changes, so old cache files are not reused
-_MEMBER = re.compile(r"^(?P<top>[^/]+)/(?P<alphabet>[^/]+)/character\d+/(?P<charid>\d{4})_(?P<drawer>\d{2})\.png$")
+_CACHE_VERSION = 2  # bump when decoding changes, so old cache files are not reused
+_MEMBER = re.compile(r"(?P<top>[^/]+)/(?P<alphabet>[^/]+)/character\d+/(?P<charid>\d{4})_(?P<drawer>\d{2})\.png")
 _INVERT = [255 - v for v in range(256)]  # lookup table: ink 0 -> 255
 
 
@@ -175,8 +181,39 @@ def _is_litter(name: str) -> bool:
     return any(part == "__MACOSX" or part.startswith(".") for part in name.split("/"))
 
 
+def _why(err: Exception) -> str:
+    return str(err) or type(err).__name__
+
+
+def _too_large(name: str, size: int) -> DataError:
+    return DataError(f"{name} is {size / 2**20:.1f} MB; images over {MAX_IMAGE_BYTES // 2**20} MB are refused")
+
+
+def _read_file(path: Path, name: str) -> bytes:
+    """The bytes of a regular file of at most MAX_IMAGE_BYTES, checked before reading it."""
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # a folder, or a pipe or device that could block or never end
+            raise DataError(f"{name} is not a regular file")
+        if st.st_size > MAX_IMAGE_BYTES:
+            raise _too_large(name, st.st_size)
+        with open(path, "rb") as f:
+            data = f.read(MAX_IMAGE_BYTES + 1)
+    except (OSError, ValueError) as err:  # ValueError: a path with a NUL character
+        raise DataError(f"cannot read {name} ({getattr(err, 'strerror', None) or _why(err)})") from err
+    if len(data) > MAX_IMAGE_BYTES:  # grew since stat
+        raise _too_large(name, len(data))
+    return data
+
+
 class _Source:
-    """Member names (relative, '/'-separated, starting with the set folder) and their bytes."""
+    """Member names (relative, '/'-separated, starting with the set folder) and their bytes.
+
+    zipfile raises many types on a damaged archive (BadZipFile, EOFError, zlib.error,
+    LZMAError, NotImplementedError for an unknown method, RuntimeError for encryption,
+    UnicodeDecodeError for a name...): every one of them, when opening or reading, becomes a
+    DataError that names the archive.
+    """
 
     def __init__(self, path: Path, info: SetInfo):
         self.path, self.info = path, info
@@ -186,8 +223,8 @@ class _Source:
         if self.path.is_file():
             try:
                 self.zip = zipfile.ZipFile(self.path)
-            except (zipfile.BadZipFile, OSError, EOFError) as err:
-                raise DataError(f"{self.path} is not a readable zip ({err}); delete it and fetch again") from err
+            except Exception as err:
+                raise DataError(f"{self.path} is not a readable zip ({_why(err)}); delete it and fetch again") from err
         return self
 
     def __exit__(self, *exc) -> None:
@@ -208,27 +245,41 @@ class _Source:
         return names
 
     def read(self, name: str) -> bytes:
+        if self.zip is None:
+            return _read_file(self.path.parent / name, str(self.path.parent / name))
+        info = self.zip.getinfo(name)
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            # bzip2 and LZMA members are inflated without a bound on the output: a few bytes can
+            # stand for gigabytes. The upstream zips, like most, are deflated.
+            raise DataError(f"{name} in {self.path} uses compression method {info.compress_type}; "
+                            "only stored and deflated members are read")
+        if info.file_size > MAX_IMAGE_BYTES:  # the declared size, checked before inflating anything
+            raise _too_large(f"{name} in {self.path}", info.file_size)
         try:
-            if self.zip is not None:
-                return self.zip.read(name)
-            return (self.path.parent / name).read_bytes()
-        except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as err:
-            raise DataError(f"cannot read {name} from {self.path} ({err})") from err
+            with self.zip.open(info) as member:
+                # Asking for the declared size bounds what each inflate step may produce (read()
+                # with no size inflates a whole compressed block however large it gets).
+                return member.read(info.file_size)
+        except Exception as err:
+            raise DataError(f"cannot read {name} from {self.path} ({_why(err)})") from err
 
 
 def _fingerprint(path: Path) -> str:
     """A short hash that changes when the source changes (zip: size and mtime; folder: its files)."""
     digest = hashlib.sha1(f"v{_CACHE_VERSION}".encode())
-    if path.is_file():
-        st = path.stat()
-        digest.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-    else:
-        entries = []
-        for folder, _, files in os.walk(path):
-            for file in files:
-                st = os.stat(os.path.join(folder, file))
-                entries.append(f"{os.path.relpath(os.path.join(folder, file), path)}:{st.st_size}:{st.st_mtime_ns}")
-        digest.update("\n".join(sorted(entries)).encode())
+    try:
+        if path.is_file():
+            st = path.stat()
+            digest.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        else:
+            entries = []
+            for folder, _, files in os.walk(path):
+                for file in files:
+                    st = os.stat(os.path.join(folder, file))  # a dangling symlink fails here
+                    entries.append(f"{os.path.relpath(os.path.join(folder, file), path)}:{st.st_size}:{st.st_mtime_ns}")
+            digest.update("\n".join(sorted(entries)).encode())
+    except OSError as err:
+        raise DataError(f"cannot read {err.filename or path} ({err.strerror or _why(err)})") from err
     return digest.hexdigest()[:12]
 
 
@@ -249,7 +300,7 @@ def _parse_members(names: list[str], source: Path, info: SetInfo) -> list[_Membe
             raise DataError(f"{source} holds an unsafe member name {name!r} (absolute or '..'); refusing to use it")
         if _is_litter(name):
             continue
-        match = _MEMBER.match(name)
+        match = _MEMBER.fullmatch(name)  # a "$" would also match before a trailing line break
         if match is None:
             raise DataError(f"unexpected member {name!r} in {source}: expected "
                             f"{info.folder}/<Alphabet>/characterNN/<charid>_<drawer>.png")
@@ -285,17 +336,35 @@ def _check_counts(source: Path, info: SetInfo, alphabets: int, characters: int, 
 # Decoding: the one function that turns an upstream PNG into training pixels
 
 
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit grey image ("I;16*", or "I" from Pillow < 10) scaled to "L"; other modes as they are.
+
+    PIL's own conversion clips these at 255 rather than scaling, which would turn dark grey
+    ink into paper. A transparent grey value becomes an alpha band.
+    """
+    if not image.mode.startswith("I"):
+        return image
+    values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)  # (H, W)
+    gray = ((values * 255 + 32767) // 65535).astype(np.uint8)
+    key = image.info.get("transparency")
+    if isinstance(key, int):
+        alpha = np.where(values == key, 0, 255).astype(np.uint8)
+        return Image.fromarray(np.stack([gray, alpha], axis=-1), "LA")
+    return Image.fromarray(gray, "L")
+
+
 def _decode(image: Image.Image, size: int, name: str) -> np.ndarray:
     """An opened upstream image -> (size, size) uint8, ink = 255, box-filtered."""
     if image.size != (SOURCE_SIZE, SOURCE_SIZE):  # checked on the header, before decoding pixels
         raise DataError(f"{name} is {image.size[0]}x{image.size[1]}, expected {SOURCE_SIZE}x{SOURCE_SIZE}")
-    try:
+    try:  # PIL reports damaged data with many exception types; each one is a bad image here
+        image = _to_8_bit(image)
         if "A" in image.getbands() or "transparency" in image.info:
             # Transparent pixels are paper: put the image on white before the alpha is dropped.
             image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
         gray = image.convert("L").point(_INVERT)  # 1-bit -> 0/255, then ink = 255
-    except (OSError, ValueError, SyntaxError) as err:
-        raise DataError(f"{name} is not a readable PNG ({err})") from err
+    except Exception as err:
+        raise DataError(f"{name} is not a readable PNG ({_why(err)})") from err
     if size != SOURCE_SIZE:
         # The box filter averages ink over each output pixel's footprint, so stroke area is kept.
         gray = gray.resize((size, size), Image.BOX)
@@ -303,10 +372,15 @@ def _decode(image: Image.Image, size: int, name: str) -> np.ndarray:
 
 
 def _decode_bytes(data: bytes, size: int, name: str) -> np.ndarray:
+    # Only the PNG reader is tried: the others (some of which run external programs) never see
+    # these bytes. Opening reads the header only; PIL's MAX_IMAGE_PIXELS and then _decode's
+    # size check refuse a huge declared size before any pixel is decoded.
     try:
-        image = Image.open(io.BytesIO(data))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise DataError(f"{name} is not a readable PNG ({err})") from err
+        image = Image.open(io.BytesIO(data), formats=["PNG"])
+    except Image.UnidentifiedImageError as err:
+        raise DataError(f"{name} is not a PNG, or its header is damaged") from err
+    except Exception as err:
+        raise DataError(f"{name} is not a readable PNG ({_why(err)})") from err
     return _decode(image, size, name)
 
 
@@ -330,11 +404,7 @@ def prepare(image, size: int = 28) -> torch.Tensor:
     if isinstance(image, Image.Image):
         return _to_tensor(_decode(image, size, "image"))[None]  # (1, S, S)
     path = Path(image)
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise DataError(f"cannot read {path} ({err.strerror})") from err
-    return _to_tensor(_decode_bytes(data, size, str(path)))[None]  # (1, S, S)
+    return _to_tensor(_decode_bytes(_read_file(path, str(path)), size, str(path)))[None]  # (1, S, S)
 
 
 # ---------------------------------------------------------------------------------------------
