@@ -14,6 +14,7 @@ EPILOG = """examples:
   omnivae evaluate runs/quick --subset 2000 --nll-k 100
   omnivae sample runs/quick --n 64 --out samples.png
   omnivae swap runs/quick --content a.png b.png --style c.png d.png --out swap.png
+  omnivae demo runs/quick                                 # a local page: draw, see neighbours and styles
 """
 
 
@@ -116,7 +117,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", type=Path, nargs="+")
     p.add_argument("--format", choices=("table", "markdown", "csv"), default="table")
     p.add_argument("--html", type=Path, help="also write a comparison page here")
+
+    p = sub.add_parser("demo", help="a local web page: draw a character, see its neighbours and other hands")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=0, help="port to listen on (default 0: a free one)")
+    p.add_argument("--no-browser", action="store_true", help="only print the URL, do not open a browser")
+    _data_options(p)
+    p.set_defaults(func=_demo)
     return parser
+
+
+def _demo(args: argparse.Namespace) -> None:
+    import os
+
+    from .demo import serve
+
+    # Open a browser only where one can show a window.
+    can_open = sys.platform in ("darwin", "win32") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    serve(args.run_dir, args.host, args.port, args.data_dir, args.cache_dir,
+          open_browser=can_open and not args.no_browser, progress=not args.quiet)
 
 
 def _load_images(paths, size: int):
@@ -128,6 +148,8 @@ def _load_images(paths, size: int):
 
 
 def run(args: argparse.Namespace) -> None:
+    if getattr(args, "func", None) is not None:
+        return args.func(args)
     progress = not args.quiet
     if args.command == "fetch":
         from .data import fetch, load_set
@@ -217,10 +239,11 @@ def _print_metrics(results: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .data import DataError
+    from .demo import DemoError
 
     try:
         run(args)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, DemoError, FileNotFoundError) as err:
         # Bad input: one line, no traceback.
         print(f"omnivae: error: {err}", file=sys.stderr)
         return 2
