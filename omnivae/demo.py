@@ -35,6 +35,9 @@ from . import generate
 from .train import load
 
 MAX_BODY = 2 * 1024 * 1024  # bytes a request may carry: a drawing as a PNG data URI is ~10-50 kB
+# A larger body is read and dropped up to this size, so the client gets the error instead of a
+# reset connection; beyond it the connection is closed unread.
+DRAIN_LIMIT = 16 * 1024 * 1024
 MAX_SIDE = 2048  # largest accepted image side, checked on the header before decoding pixels
 MIN_SIDE = 16  # smallest: anything less cannot hold a drawing
 NEIGHBOURS = 5  # nearest gallery characters shown
@@ -297,6 +300,7 @@ class Demo:
             for n, c in enumerate(np.unique(evaluation.character[evaluation.alphabet == a]), 1):
                 self.number[int(c)] = n
         self._row = {(int(c), int(d)): r for r, (c, d) in enumerate(zip(evaluation.character, evaluation.drawer))}
+        self._info = self._describe()
 
     @classmethod
     def build(cls, run_dir, data_dir=None, cache_dir=None, progress: bool = False) -> "Demo":
@@ -309,7 +313,10 @@ class Demo:
         return cls(model, evaluation, run_dir.name)
 
     def info(self) -> dict:
-        """What the page needs to build its chooser and sliders."""
+        """What the page needs to build its chooser, sliders and example captions."""
+        return self._info
+
+    def _describe(self) -> dict:
         evaluation = self.evaluation
         alphabets = []
         for a, name in enumerate(evaluation.alphabet_names):
@@ -325,6 +332,7 @@ class Demo:
             "sliders": [{"sd": float(sd), "explained": float(e)}
                         for sd, e in zip(self.style_sd, self.style_explained)],
             "slider_range": SLIDER_RANGE,
+            "max_body": MAX_BODY,
             "examples": [{"name": e.name, "why": e.why, "image": png_uri(self.example_images[i]),
                           "label": self._label(e.row)} for i, e in enumerate(self.examples)],
         }
@@ -462,12 +470,18 @@ class _Handler(BaseHTTPRequestHandler):
         if length is None or not length.isdigit():
             self.close_connection = True
             return self._error(HTTPStatus.LENGTH_REQUIRED, "the request needs a Content-Length")
-        if int(length) > MAX_BODY:
-            self.close_connection = True  # the body is not read: the connection cannot be reused
+        size = int(length)
+        if size > MAX_BODY:
+            self.close_connection = True
+            remaining = size if size <= DRAIN_LIMIT else 0
+            while remaining > 0:  # read and drop, so that the client reads the answer
+                chunk = self.rfile.read(min(1 << 16, remaining))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
             return self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                               f"the request is {int(length) / 2**20:.1f} MB; the demo accepts up to "
-                               f"{MAX_BODY // 2**20} MB")
-        body = self.rfile.read(int(length))
+                               f"the request is {size / 2**20:.1f} MB; the demo accepts up to {MAX_BODY // 2**20} MB")
+        body = self.rfile.read(size)
         try:
             request = json.loads(body)
             if not isinstance(request, dict):

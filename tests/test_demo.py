@@ -433,6 +433,9 @@ def test_page_draws_reads_and_restyles_in_headless_chromium(tiny):
         page.set_input_files("#file", files=[{"name": "deep.png", "mimeType": "image/png",
                                               "buffer": sixteen_bit_png()}])
         page.wait_for_function("document.getElementById('error').textContent.includes('pixel mode')")
+        page.set_input_files("#file", files=[{"name": "big.png", "mimeType": "image/png",
+                                              "buffer": b"\x89PNG" + bytes(1_700_000)}])
+        page.wait_for_function("document.getElementById('error').textContent.includes('accepts PNG files up to')")
 
 
 # ----------------------------------------------------------------------------- on the real data
