@@ -293,6 +293,15 @@ def test_api_rejects_bad_requests_with_a_message(tiny):
         assert call(url, "/missing")[0] == 404
 
 
+def test_cli_help_names_the_options(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["demo", "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--host", "--port", "--no-browser", "--data-dir", "--cache-dir", "127.0.0.1"):
+        assert option in out
+
+
 def test_cli_reports_a_missing_run_folder_in_one_line(tmp_path, capsys):
     assert cli.main(["demo", str(tmp_path / "nothing"), "--no-browser"]) == 2
     err = capsys.readouterr().err.strip()
