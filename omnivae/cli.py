@@ -28,6 +28,7 @@ EPILOG = """examples:
   omnivae train --resume runs/quick --set epochs=4       # continue, with more epochs
   omnivae evaluate runs/quick --subset 2000 --nll-k 100
   omnivae sample runs/quick --n 64 --out samples.png
+  omnivae demo runs/quick                                 # a local page: draw, see neighbours and styles
   omnivae swap runs/quick --content a.png b.png --style c.png d.png --out swap.png
 
 exit status:
@@ -260,6 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "markdown", "csv"), default="table",
                    help="how to print the table (default: table)")
     p.add_argument("--html", type=Path, metavar="FILE", help="also write a comparison page with bar charts here")
+
+    p = command("demo", cmd_demo, "a local web page: draw a character, see its neighbours and other hands",
+                "Serve a page on this machine where you draw a character (or pick an evaluation drawing) and see "
+                "its reconstruction, its 5 nearest evaluation characters by content code, and the drawing redrawn "
+                "in sampled styles, in the styles of 4 example drawings, and along the style code's main "
+                "directions.")
+    p.add_argument("run_dir", type=_run_folder, metavar="RUN_DIR", help="a trained run folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=_count(0, 65535), default=0, help="port to listen on (default 0: a free one)")
+    p.add_argument("--no-browser", action="store_true", help="only print the URL, do not open a browser")
+    _data_options(p)
     return parser
 
 
@@ -370,6 +382,17 @@ def cmd_compare(args: argparse.Namespace) -> None:
         print(f"wrote {write_compare_page(args.run_dirs, args.html)}")
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    import os
+
+    from .demo import serve
+
+    # Open a browser only where one can show a window.
+    can_open = sys.platform in ("darwin", "win32") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    serve(args.run_dir, args.host, args.port, args.data_dir, args.cache_dir,
+          open_browser=can_open and not args.no_browser, progress=not args.quiet)
+
+
 def _load_images(paths, size: int):
     import torch
 
@@ -458,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if _is_data_error(err):
             return _fail(err, 1)
+        demo = sys.modules.get(f"{__package__}.demo")
+        if demo is not None and isinstance(err, demo.DemoError):  # a run or port the page cannot use
+            return _fail(err, 2)
         raise
     return 0
 
