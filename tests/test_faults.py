@@ -231,3 +231,30 @@ def test_an_interrupted_write_of_weights_never_shows(tmp_path, synthetic, monkey
     assert_identical(load_file(run / rundir.WEIGHTS_FILE), checkpoint["model"])
     assert [r["epoch"] for r in rundir.read_log(run)] == [1, 2]
     assert np.isfinite(rundir.read_log(run)[1]["val_recon"])
+
+
+def test_the_guard_reads_nothing_off_the_device_per_step(monkeypatch):
+    """Steps keep their loss terms and the guard's flag on the device: omnivae's own code turns no
+    tensor into a Python value until the epoch ends (checked on the CPU by counting conversions)."""
+    import omnivae.train as training
+
+    package = str(Path(training.__file__).parent)
+    reads = []
+    for name in ("__float__", "__int__", "__bool__", "__index__", "item", "tolist", "numpy"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            if sys._getframe(1).f_code.co_filename.startswith(package):
+                reads.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    cfg = tiny_config(content_regularizer="adversarial", style_adversary_weight=1.0, cross_weight=1.0)
+    parts = training.build_parts(cfg, classes=4, device=torch.device("cpu"))
+    x, label = torch.rand(16, 1, 28, 28), torch.arange(4).repeat_interleave(4)
+    totals = training.EpochTotals()
+    for step in range(5):
+        totals.add(step, training.update(parts, cfg, x, label))
+    assert reads == []
+    means = totals.means(epoch=1)
+    assert len(reads) == 2 and np.isfinite(list(means.values())).all()  # the flag, then the sums: once per epoch
