@@ -15,8 +15,9 @@ A checkpoint is written in this order: train_state.pt (one rename), then model.s
 the same state, then the epoch's line of log.jsonl. A kill at any moment leaves the previous
 checkpoint or the new one whole; `resume` brings the export and the log back in line with it.
 
-Importing this module loads only the standard library (the command line names these files
-before it loads PyTorch); the functions that read or write tensors import torch when called.
+Importing this module loads only the standard library and omnivae.config (the command line
+names these files before it loads PyTorch); the functions that read or write tensors import
+torch when called.
 """
 from __future__ import annotations
 
@@ -187,7 +188,12 @@ def read_config_values(run_dir) -> dict | None:
 
 
 def write_config(run_dir, cfg: Config) -> None:
-    write_json(Path(run_dir) / CONFIG_FILE, cfg.to_dict())
+    """Write config.json, unless it already holds exactly this config."""
+    path, text = Path(run_dir) / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n"
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if path.read_text() == text:
+            return
+    write_text(path, text)
 
 
 def read_log(run_dir) -> list[dict]:

@@ -254,6 +254,8 @@ class EpochTotals:
     def means(self, epoch: int) -> dict:
         """{term: mean over the epoch's steps}; TrainingError naming the epoch (counted from 1),
         step and term when a value was not finite."""
+        if not self.steps:
+            return {}
         step = int(self.first_bad)  # waits for the device, once per epoch
         if step >= 0:
             bad = {n: v for n, v in zip(self.names, self.bad_sums.tolist()) if not math.isfinite(v)}
@@ -267,7 +269,7 @@ class EpochTotals:
             value = bad[(terms or list(bad))[0]]
             raise TrainingError(f"training diverged at epoch {epoch}, step {step + 1} of {self.steps}: {what} "
                                 f"{value}; {_kept(epoch)}")
-        return dict(zip(self.names, (self.sums / max(1, self.steps)).tolist()))
+        return dict(zip(self.names, (self.sums / self.steps).tolist()))
 
 
 def _kept(epoch: int) -> str:
@@ -348,6 +350,7 @@ def train(
     parts = build_parts(cfg, len(classes) * (4 if cfg.rotations else 1), device)
     if checkpoint:
         restore(parts, checkpoint)
+        checkpoint = None  # the modules and optimisers hold it now
     steps_per_epoch = len(batches(cfg, train_set.character, 0))  # the same every epoch
     schedule = lr_schedule(cfg, parts.optimizer, cfg.epochs * steps_per_epoch, start * steps_per_epoch)
     started = time.time()

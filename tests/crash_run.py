@@ -34,8 +34,10 @@ WRITE_KILLS = (
     "replace model.safetensors",  # the export written, not yet renamed: it lags the checkpoint
     "fsync folder after model.safetensors",  # the export in place; the log line not yet appended
     "fsync log.jsonl",  # the log line appended, not yet flushed
-    "replace config.json",  # a restart rewriting the config
 )
+# Before those, in this order: the config's first write killed (the folder holds only a
+# temporary file), then the first checkpoint's (the folder holds a config and no checkpoint).
+FIRST_KILLS = ("replace config.json", "replace train_state.pt")
 TIME_KILLS = 4  # then this many kills after a random delay (an epoch takes about 0.1 s)
 TEMPORARY = re.compile(r"^\.(.+)\.[0-9a-f]{8}-\d+\.[0-9a-f]{8}\.tmp$")
 
@@ -131,9 +133,8 @@ def main(run_dir: str, reference_dir: str, seed: str) -> None:
 
     run_dir, rng, dataset = Path(run_dir), random.Random(int(seed)), synthetic_omniglot()
     cfg = tiny_config(epochs=EPOCHS, threads=1, val_drawers=(20,))
-    plan = [("replace train_state.pt", 1, None)]  # the first checkpoint killed: the folder starts again
-    plan += [(event, 1 if "config" in event else rng.choice((1, 2)), None)  # the config is written once a child
-             for event in rng.sample(WRITE_KILLS, len(WRITE_KILLS))]
+    plan = [(event, 1, None) for event in FIRST_KILLS]
+    plan += [(event, rng.choice((1, 2)), None) for event in rng.sample(WRITE_KILLS, len(WRITE_KILLS))]
     plan += [(None, 1, rng.uniform(0.05, 0.5)) for _ in range(TIME_KILLS)]
     kills = []
     for kill_at, nth, delay in plan:
