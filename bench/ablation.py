@@ -8,7 +8,7 @@ Each variant is NAME:KEY=VALUE,KEY=VALUE applied on top of --preset. Runs train 
 validation alphabets (val_holdout=true) and are scored on them: every choice is made there.
 `--split evaluation` trains on all 30 background alphabets and scores on the evaluation set:
 for the final numbers of a chosen preset only. Every run is a normal
-run folder (config.json, weights, log.jsonl, metrics.json), so `omnivae compare` and
+run folder (see omnivae.rundir: config, checkpoint, weights, log, metrics), so `omnivae compare` and
 `omnivae report` work on them too. `--quick-eval` measures only the code-structure metrics
 (few-shot, clustering, prior match; no likelihood, swap or figures), for sweeps.
 The table is what the script printed: mean and spread (sample standard deviation) over seeds.
@@ -40,16 +40,15 @@ def quick_metrics(run_dir: Path, data_dir, cache_dir, split: str) -> dict:
     on the split, without likelihood, swaps or figures."""
     import torch
 
-    from omnivae import load
-    from omnivae.config import Config
+    from omnivae import rundir
     from omnivae.evaluate import PROTOCOL_VERSION, code_metrics, encode_all, load_split
 
-    cfg = Config.load(run_dir / "config.json")
-    model = load(run_dir, "cuda" if torch.cuda.is_available() else "cpu")
+    cfg = rundir.read_config(run_dir)
+    model = rundir.load(run_dir, "cuda" if torch.cuda.is_available() else "cpu")
     test = load_split(cfg, split, data_dir, cache_dir, progress=False)
     out = {"protocol_version": PROTOCOL_VERSION, "split": split}
     out.update(code_metrics(encode_all(model, test.tensors()), test, cfg.eval_seed, cfg.episodes))
-    (run_dir / "metrics.json").write_text(json.dumps(out, indent=2) + "\n")
+    rundir.write_metrics(run_dir, out)
     return out
 
 
@@ -57,24 +56,25 @@ def one_run(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(job["threads"])
+    from omnivae import rundir
     from omnivae.config import make_config
     from omnivae.evaluate import evaluate
     from omnivae.train import train
 
     run_dir = Path(job["run_dir"])
-    if not (run_dir / "metrics.json").exists():
-        if not (run_dir / "model.safetensors").exists():
-            holdout = job["split"] == "validation"
-            cfg = make_config(job["preset"], {**job["overrides"], "seed": job["seed"], "epochs": job["epochs"],
-                                              "val_holdout": holdout})
-            train(cfg, run_dir, job["data_dir"], job["cache_dir"], progress=False)
+    if rundir.read_metrics(run_dir) is None:
+        holdout = job["split"] == "validation"
+        cfg = make_config(job["preset"], {**job["overrides"], "seed": job["seed"], "epochs": job["epochs"],
+                                          "val_holdout": holdout})
+        # A stopped run goes on from its checkpoint; a finished one is left as it is.
+        train(cfg, run_dir, job["data_dir"], job["cache_dir"], progress=False, resume=rundir.is_trained(run_dir))
         if job["quick"]:
             quick_metrics(run_dir, job["data_dir"], job["cache_dir"], job["split"])
         else:
             evaluate(run_dir, job["data_dir"], job["cache_dir"], figures=False, progress=False, nll_k=job["nll_k"],
                      nll_images=job["nll_images"], swap_pairs=job["swap_pairs"], split=job["split"])
-    result = json.loads((run_dir / "metrics.json").read_text())
-    result["train_seconds"] = json.loads((run_dir / "run.json").read_text())["train_seconds"]
+    result = rundir.read_metrics(run_dir)
+    result["train_seconds"] = rundir.read_run_info(run_dir)["train_seconds"]
     return {"variant": job["variant"], "seed": job["seed"], **result}
 
 

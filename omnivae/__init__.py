@@ -16,7 +16,7 @@ __all__ = ["Config", "ModelConfig", "StructuredVAE", "make_config", "load", "__v
 def __getattr__(name: str):
     # These need torch; importing them on first use keeps `import omnivae` (and the CLI's --help) light.
     if name == "load":
-        from .train import load
+        from .rundir import load
 
         return load
     if name in ("ModelConfig", "StructuredVAE"):

@@ -13,7 +13,7 @@ import stat
 import sys
 from pathlib import Path
 
-from . import __version__
+from . import __version__, rundir
 from .config import IMAGE_SIZES, PRESETS, Config, ConfigError, make_config, override
 
 MAX_DRAWINGS = 4096  # --n of sample and one-shot: one picture
@@ -108,9 +108,9 @@ def _folder(text: str) -> Path:
 
 
 def _run_folder(text: str) -> Path:
-    """argparse type: a run folder (one that holds config.json)."""
-    if not os.path.isfile(os.path.join(text, "config.json")):
-        raise argparse.ArgumentTypeError(f"{text} is not a run folder (no config.json)")
+    """argparse type: a run folder (one that holds a config)."""
+    if not rundir.is_run_folder(text):
+        raise argparse.ArgumentTypeError(f"{text} is not a run folder (no {rundir.CONFIG_FILE})")
     return Path(text)
 
 
@@ -144,8 +144,8 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
 def _config_options(p: argparse.ArgumentParser) -> None:
     start = p.add_mutually_exclusive_group()
     start.add_argument("--preset", choices=sorted(PRESETS), help="named configuration to start from (default: default)")
-    start.add_argument("--config", type=_config_file, metavar="FILE", help="a config.json to start from instead of a "
-                       "preset (as `omnivae config` prints it or a run folder holds it); keys it leaves out take "
+    start.add_argument("--config", type=_config_file, metavar="FILE", help=f"a {rundir.CONFIG_FILE} to start from instead "
+                       "of a preset (as `omnivae config` prints it or a run folder holds it); keys it leaves out take "
                        "the defaults of omnivae.Config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config field on top, e.g. --set epochs=5 (repeatable; `omnivae config` "
@@ -192,17 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("train", cmd_train, "train a model into a run folder",
                 "Train a model into a new run folder, or continue a stopped one with --resume. A resumed run "
-                "keeps its own config.json: only --set epochs=N may change it (more epochs, written to "
-                "config.json); any other --set, --preset or --config that would change the run is refused.")
+                f"keeps its own {rundir.CONFIG_FILE}: only --set epochs=N may change it (more epochs, written to "
+                f"{rundir.CONFIG_FILE}); any other --set, --preset or --config that would change the run is "
+                "refused. A folder whose run stopped before its first checkpoint can be given to --out again.")
     _config_options(p)
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--out", type=Path, metavar="RUN_DIR", help="run folder to create (config.json, weights, log.jsonl)")
+    where.add_argument("--out", type=Path, metavar="RUN_DIR", help=f"run folder to create ({rundir.CONFIG_FILE}, checkpoint, weights, {rundir.LOG_FILE})")
     where.add_argument("--resume", type=_run_folder, metavar="RUN_DIR", help="continue a stopped run from its last epoch")
     _data_options(p)
 
-    p = command("evaluate", cmd_evaluate, "metrics on the evaluation set -> RUN_DIR/metrics.json and figures",
+    p = command("evaluate", cmd_evaluate, f"metrics on the evaluation set -> RUN_DIR/{rundir.METRICS_FILE} and figures",
                 "Evaluate a trained run on the Omniglot evaluation set: clustering, few-shot classification, swap "
-                "consistency, likelihood and prior match, written to RUN_DIR/metrics.json, with figures.")
+                f"consistency, likelihood and prior match, written to RUN_DIR/{rundir.METRICS_FILE}, with figures.")
     p.add_argument("run_dir", type=_run_folder, metavar="RUN_DIR", help="a trained run folder")
     _eval_options(p)
     _data_options(p)
@@ -250,9 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"drawings along the walk, both ends included, 2 to {MAX_STEPS} (default 10)")
     p.add_argument("--out", type=Path, required=True, help="PNG file to write")
 
-    p = command("report", cmd_report, "write RUN_DIR/report.html: config, metrics, figures, one page",
-                "Write RUN_DIR/report.html, one self-contained page with the run's config, training, metrics "
-                "and figures.")
+    p = command("report", cmd_report, f"write RUN_DIR/{rundir.REPORT_FILE}: config, metrics, figures, one page",
+                f"Write RUN_DIR/{rundir.REPORT_FILE}, one self-contained page with the run's config, training, "
+                "metrics and figures.")
     p.add_argument("run_dir", type=_folder, metavar="RUN_DIR", help="a run folder")
 
     p = command("compare", cmd_compare, "a table of several runs' metrics",
@@ -314,26 +315,28 @@ def cmd_train(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     from .train import train
 
+    if rundir.is_run_folder(args.out) and not rundir.is_trained(args.out):
+        print(f"{args.out} holds a run stopped before its first checkpoint; starting it again")
     train(_config(args), args.out, args.data_dir, args.cache_dir, progress=not args.quiet)
 
 
 def _resume(args: argparse.Namespace) -> None:
     """Continue a run with its own config; only the number of epochs may change."""
-    from .train import finished_epochs, train
+    from .train import train
 
     run_dir = args.resume
-    saved = Config.load(run_dir / "config.json")
+    saved = rundir.read_config(run_dir)
     wanted = _config(args, base=saved)
     changed = [f"{key} ({value!r} -> {getattr(wanted, key)!r})" for key, value in saved.to_dict().items()
                if key != "epochs" and getattr(wanted, key) != getattr(saved, key)]
     if changed:
         raise ConfigError(f"--resume continues {run_dir} as configured; only --set epochs=N may change it, "
                           f"not {', '.join(changed)}")
-    finished = finished_epochs(run_dir)
+    finished = rundir.finished_epochs(run_dir)
     if wanted.epochs != saved.epochs:
         if wanted.epochs < finished:
             raise ConfigError(f"epochs={wanted.epochs} is fewer than the {finished} epochs {run_dir} has finished")
-        print(f"resuming {run_dir} with epochs={wanted.epochs} (was {saved.epochs}); config.json updated")
+        print(f"resuming {run_dir} with epochs={wanted.epochs} (was {saved.epochs}); {rundir.CONFIG_FILE} updated")
     elif finished >= saved.epochs:
         print(f"{run_dir} has already finished {finished}/{saved.epochs} epochs; nothing to train "
               "(add epochs with --set epochs=N)")
@@ -355,7 +358,7 @@ def _evaluate(args: argparse.Namespace, run_dir: Path) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     _evaluate(args, args.run_dir)
-    print(f"wrote {args.run_dir / 'metrics.json'}")
+    print(f"wrote {args.run_dir / rundir.METRICS_FILE}")
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -403,7 +406,7 @@ def _load_images(paths, size: int):
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from . import generate, plots
-    from .train import load
+    from .rundir import load
 
     model = load(args.run_dir)
     plots.image_grid(generate.sample(model, args.n, args.seed, args.temperature), args.out)
@@ -412,7 +415,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 def cmd_swap(args: argparse.Namespace) -> None:
     from . import generate, plots
-    from .train import load
+    from .rundir import load
 
     model = load(args.run_dir)
     content = _load_images(args.content, model.image_size)
@@ -423,7 +426,7 @@ def cmd_swap(args: argparse.Namespace) -> None:
 
 def cmd_one_shot(args: argparse.Namespace) -> None:
     from . import generate, plots
-    from .train import load
+    from .rundir import load
 
     model = load(args.run_dir)
     image = _load_images([args.image], model.image_size)
@@ -433,7 +436,7 @@ def cmd_one_shot(args: argparse.Namespace) -> None:
 
 def cmd_interpolate(args: argparse.Namespace) -> None:
     from . import generate, plots
-    from .train import load
+    from .rundir import load
 
     model = load(args.run_dir)
     first, second = _load_images([args.first, args.second], model.image_size)

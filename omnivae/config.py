@@ -90,7 +90,7 @@ class Config:
 
     @classmethod
     def load(cls, path: Path) -> "Config":
-        """A config.json file; keys it leaves out take the defaults above."""
+        """A JSON config file; keys it leaves out take the defaults above."""
         try:
             values = json.loads(Path(path).read_text())
         except OSError as err:

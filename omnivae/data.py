@@ -17,7 +17,6 @@ import re
 import stat
 import urllib.error
 import urllib.request
-import uuid
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -28,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
+
+from .rundir import atomic_write
 
 
 class DataError(Exception):
@@ -108,11 +109,6 @@ def _find_source(data_dir: Path, info: SetInfo) -> Path | None:
 # Download
 
 
-def _temp_path(target: Path) -> Path:
-    """A fresh hidden name beside target; created with open(..., "xb") so the umask applies."""
-    return target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
 def _md5(path: Path) -> str:
     digest = hashlib.md5()
     with open(path, "rb") as f:
@@ -123,27 +119,24 @@ def _md5(path: Path) -> str:
 
 def _download(url: str, target: Path, md5: str, progress: bool) -> None:
     """Download url to target through a temporary file beside it; keep it only if the MD5 matches."""
-    tmp = _temp_path(target)
     try:
-        out = open(tmp, "xb")
-    except OSError as err:
-        raise DataError(f"cannot write to {target.parent} ({err.strerror}); is the data folder writable?") from err
-    try:
-        with out, urllib.request.urlopen(url, timeout=60) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {target.name}",
-                      disable=not progress) as bar:
-                for block in iter(lambda: response.read(1 << 16), b""):
-                    out.write(block)
-                    bar.update(len(block))
-        found = _md5(tmp)
-        if found != md5:
-            raise DataError(f"download of {url} is corrupt: MD5 {found}, expected {md5}; try again")
-        os.replace(tmp, target)
+        with atomic_write(target) as tmp:
+            try:
+                out = open(tmp, "xb")
+            except OSError as err:
+                raise DataError(f"cannot write to {target.parent} ({err.strerror}); is the data folder writable?") from err
+            with out, urllib.request.urlopen(url, timeout=60) as response:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {target.name}",
+                          disable=not progress) as bar:
+                    for block in iter(lambda: response.read(1 << 16), b""):
+                        out.write(block)
+                        bar.update(len(block))
+            found = _md5(tmp)
+            if found != md5:
+                raise DataError(f"download of {url} is corrupt: MD5 {found}, expected {md5}; try again")
     except (urllib.error.URLError, OSError) as err:
         raise DataError(f"could not download {url} ({err}); copy {target.name} into {target.parent} by hand") from err
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def fetch(data_dir: str | Path | None = None, sets=("background", "evaluation"), progress: bool = True) -> Path:
@@ -467,16 +460,10 @@ def _read_cache(path: Path) -> Omniglot | None:
 
 
 def _write_cache(path: Path, data: Omniglot) -> None:
-    """Write the arrays to path atomically: a temporary file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "xb") as f:
-            np.savez(f, images=data.images, character=data.character, drawer=data.drawer,
-                     alphabet=data.alphabet, alphabet_names=np.array(data.alphabet_names, dtype=str))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write the arrays to path atomically (rundir.atomic_write)."""
+    with atomic_write(path) as tmp, open(tmp, "xb") as f:
+        np.savez(f, images=data.images, character=data.character, drawer=data.drawer,
+                 alphabet=data.alphabet, alphabet_names=np.array(data.alphabet_names, dtype=str))
 
 
 def load_set(name: str = "background", size: int = 28, data_dir: str | Path | None = None,

@@ -15,13 +15,14 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import data as omni_data
-from . import generate, metrics, plots
+from . import generate, metrics, plots, rundir
 from .config import Config, ConfigError
+from .model import resolve_device
 from .registry import named
-from .train import load, resolve_device, write_text_atomic
+from .rundir import load
 
 TSNE_POINTS = 4000  # drawings in the by-alphabet t-SNE maps
-# Version of the evaluation protocol, written into metrics.json: `omnivae compare` warns when
+# Version of the evaluation protocol, written into the run's metrics: `omnivae compare` warns when
 # runs were measured under different versions. 2: Lake-style few-shot episodes, prior match
 # on sampled codes, one random stream per use, validation alphabets.
 PROTOCOL_VERSION = 2
@@ -40,10 +41,6 @@ def encode_all(model, images: torch.Tensor, batch: int = 1024) -> dict[str, np.n
         for k in parts:
             parts[k].append(getattr(q, k).double().cpu())
     return {k: torch.cat(v).numpy() for k, v in parts.items()}
-
-
-def _atomic_json(path: Path, values: dict) -> None:
-    write_text_atomic(path, json.dumps(values, indent=2) + "\n")
 
 
 def load_split(cfg: Config, split: str, data_dir=None, cache_dir=None, progress: bool = True) -> omni_data.Omniglot:
@@ -94,7 +91,7 @@ def pixel_baseline(test: omni_data.Omniglot, seed: int, cache_dir, episodes: int
         result.update(_few_shot("pixel", pixels, test, ways, episodes, streams["episodes"]))
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_json(path, result)
+        rundir.write_json(path, result)
     except OSError:
         pass  # a read-only cache only costs recomputation
     return result
@@ -117,7 +114,7 @@ def judge(cfg: Config, train_set: omni_data.Omniglot, cache_dir, device, progres
     classifier = metrics.train_classifier(train_set.tensors(), train_set.character, epochs=JUDGE_EPOCHS,
                                           seed=cfg.eval_seed, device=device, progress=progress, channels=JUDGE_CHANNELS)
     try:
-        with plots.atomic_write(path) as tmp:
+        with rundir.atomic_write(path) as tmp:
             save_file({k: v.cpu().contiguous() for k, v in classifier.state_dict().items()}, str(tmp))
     except OSError:
         pass  # a read-only cache only costs retraining
@@ -179,7 +176,7 @@ def evaluate(
     progress: bool = True,
     split: str = "evaluation",
 ) -> dict:
-    """Evaluate a trained run on the evaluation set; writes RUN_DIR/metrics.json and figures.
+    """Evaluate a trained run on the evaluation set; writes the run's metrics file and figures.
 
     split: "evaluation" (the 20 unseen alphabets: the numbers to report, looked at once) or
     "validation" (the background alphabets `val_alphabets`, for every choice; only for runs
@@ -193,7 +190,10 @@ def evaluate(
     """
     started = time.time()
     run_dir = Path(run_dir)
-    cfg = Config.load(run_dir / "config.json")
+    cfg = rundir.read_config(run_dir)
+    rundir.check_writable(run_dir, "evaluate writes its results there")
+    if figures and rundir.figures_dir(run_dir).is_dir():
+        rundir.check_writable(rundir.figures_dir(run_dir), "evaluate writes its figures there")
     nll_k = cfg.nll_k if nll_k is None else nll_k
     nll_images = cfg.nll_images if nll_images is None else nll_images
     episodes = cfg.episodes if episodes is None else episodes
@@ -245,13 +245,13 @@ def evaluate(
     done("figures")
     step.close()
     results["eval_seconds"] = round(time.time() - started, 1)
-    _atomic_json(run_dir / "metrics.json", results)
+    rundir.write_metrics(run_dir, results)
     return results
 
 
 def make_figures(run_dir: Path, model, test: omni_data.Omniglot, codes: dict, seed: int, tsne_characters: int = 20) -> None:
-    """Every figure of the report, into run_dir/figures; `tsne_characters` characters in the labelled t-SNE plot."""
-    out = run_dir / "figures"
+    """Every figure of the report, into the run's figures folder; `tsne_characters` characters in the labelled t-SNE plot."""
+    out = rundir.figures_dir(run_dir)
     out.mkdir(exist_ok=True)
     picks_seed, samples_seed, one_shot_seed, tsne_seed, readable_seed = metrics.child_seeds(
         metrics.eval_streams(seed)["figures"], 5)
@@ -293,9 +293,9 @@ def make_figures(run_dir: Path, model, test: omni_data.Omniglot, codes: dict, se
         points = plots.embed_tsne(codes[f"{part}_mean"][many], seed=tsne_seed)
         title = f"{part} codes: {len(many)} drawings, coloured by alphabet"
         plots.tsne_plot(points, names[test.alphabet[many]], out / f"tsne_{part}_alphabets.png", title, legend=False)
-    log = run_dir / "log.jsonl"
-    if log.exists():
-        plots.training_curves([json.loads(line) for line in log.read_text().splitlines() if line.strip()], out / "training_curves.png")
+    records = rundir.read_log(run_dir)
+    if records:
+        plots.training_curves(records, out / "training_curves.png")
 
 
 def _readable_characters(test: omni_data.Omniglot, count: int, seed: int) -> np.ndarray:

@@ -2,10 +2,11 @@
 
 The model returns tensors, never losses (those live in losses.py). Its sizes come from a small
 ModelConfig; the training config (config.py) holds everything else. It saves and loads in the
-Hugging Face Hub layout (config.json + model.safetensors), which a training run folder also has.
+Hugging Face Hub layout (a JSON config beside a safetensors file), which a training run folder also
+has (see rundir).
 """
 # No `from __future__ import annotations` here: the Hub mixin reads the annotation of
-# StructuredVAE.__init__'s `config` to rebuild a ModelConfig from config.json.
+# StructuredVAE.__init__'s `config` to rebuild a ModelConfig from the saved JSON config.
 import os
 from dataclasses import dataclass, fields
 from typing import NamedTuple
@@ -13,11 +14,20 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 from huggingface_hub import PyTorchModelHubMixin
+from huggingface_hub.constants import CONFIG_NAME, SAFETENSORS_SINGLE_FILE
 from safetensors.torch import load_file
 
+from .config import ConfigError
 from .losses import GROUPINGS, reparameterize
 
-WEIGHTS = "model.safetensors"  # the Hub's file name for a model's state dict
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device of a config's `device`: auto is CUDA when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but no CUDA device is available")
+    return torch.device(name)
 
 
 @dataclass
@@ -181,9 +191,9 @@ class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tag
             model = super()._from_pretrained(model_id=model_id, map_location=map_location, strict=strict, **kwargs)
             return model.to(map_location)
         if "config" not in kwargs:
-            raise FileNotFoundError(f"{model_id} holds no config.json")
+            raise FileNotFoundError(f"{model_id} holds no {CONFIG_NAME}")
         model = cls(kwargs["config"]).to(map_location)
-        model.load_state_dict(load_file(os.path.join(model_id, WEIGHTS), device=str(map_location)), strict=strict)
+        model.load_state_dict(load_file(os.path.join(model_id, SAFETENSORS_SINGLE_FILE), device=str(map_location)), strict=strict)
         return model.eval()
 
 

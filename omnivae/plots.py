@@ -2,19 +2,18 @@
 
 Drawing uses matplotlib's object API (`Figure` + the Agg canvas) and never pyplot, so importing
 or calling these functions leaves the user's interactive backend and global figure state alone.
-Every PNG is written to a temporary file in the target folder and renamed into place, so a
-crash never leaves half a figure. `embed_tsne` is the one helper that computes: it turns codes
+Every PNG is written through `rundir.atomic_write` (a temporary file in the target folder, renamed
+into place), so a crash never leaves half a figure. `embed_tsne` is the one helper that computes: it turns codes
 into the 2-D points that `tsne_plot` draws.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
+
+from .rundir import atomic_write
 
 # Colours of the image grids, RGB in [0, 1]: characters are dark ink on white paper.
 PAPER = np.array([1.0, 1.0, 1.0])
@@ -25,26 +24,6 @@ MIN_CELL_PX = 56  # every image cell is drawn at least this many pixels wide, in
 FONT_PT = 9  # text size in the image grids
 _CHAR_PX = 0.62 * FONT_PT * DPI / 72  # rough width of one character of text, for margins
 _LINE_PX = int(round(1.6 * FONT_PT * DPI / 72))  # height of one line of text
-
-
-@contextlib.contextmanager
-def atomic_write(path):
-    """Yield a temporary path beside `path`; on success rename it to `path`, on failure remove it.
-
-    The rename (os.replace) is atomic on one file system, so readers see the old file or the
-    new one, never a partial write.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh name rather than mkstemp, so the file gets the usual permissions (umask), not 0600.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _new_figure(width_in: float, height_in: float):
@@ -317,11 +296,11 @@ def _label_name(label, label_names) -> str:
 
 # ----------------------------------------------------------------------------- curves and bars
 
-_NOT_CURVES = ("epoch", "step", "seconds")  # log.jsonl keys that are not loss terms
+_NOT_CURVES = ("epoch", "step", "seconds")  # training-log keys that are not loss terms
 
 
 def training_curves(records, path) -> Path:
-    """One small panel per logged term against epoch, from log.jsonl records (a list of dicts).
+    """One small panel per logged term against epoch, from training-log records (a list of dicts).
 
     A term and its validation twin (`recon` and `val_recon`) share a panel. The y axis is log
     scaled when every value is positive and they span more than two decades.
@@ -344,7 +323,7 @@ def training_curves(records, path) -> Path:
     nrows = max(1, math.ceil(len(terms) / ncols))
     fig = _new_figure(3.2 * ncols, 2.5 * nrows + 0.3)
     if not terms:
-        fig.text(0.5, 0.5, "no numeric records in log.jsonl", ha="center", va="center")
+        fig.text(0.5, 0.5, "no numeric records in the training log", ha="center", va="center")
         return _save(fig, path)
     styles = {"train": dict(color="tab:blue", marker="o"), "val": dict(color="tab:orange", marker="s")}
     for i, term in enumerate(terms):

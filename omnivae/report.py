@@ -1,8 +1,8 @@
 """A run's report (one self-contained HTML file) and tables comparing runs.
 
-A run folder holds config.json, log.jsonl, run.json (where and how fast it trained),
-metrics.json (from evaluation) and figures/*.png. `write_report` turns them into
-run_dir/report.html: figures are embedded as base64 data URIs and the CSS is inline, so the
+A run folder (see rundir) holds the config, the training log, the run info (where and how fast it
+trained), the metrics (from evaluation) and the figures. `write_report` turns them into one
+HTML page in the run folder: figures are embedded as base64 data URIs and the CSS is inline, so the
 file opens offline and can be mailed around. `compare` and `write_compare_page` put the
 metrics of several runs side by side. What each metrics.json key means, which way is better
 and which numbers go beside it come from the metric registry (`omnivae.registry.METRICS`).
@@ -13,13 +13,13 @@ import base64
 import csv
 import html
 import io
-import json
 import math
 import re
 import tempfile
 from pathlib import Path
 
-from .plots import atomic_write, bar_chart
+from . import rundir
+from .plots import bar_chart
 from .registry import CI95, METRICS
 
 # Figures a run may hold, in the order the report shows them, with their captions.
@@ -37,7 +37,7 @@ FIGURES: dict[str, str] = {
 }
 _GRID_FIGURES = {"reconstructions.png", "samples.png", "swap.png", "one_shot.png", "interpolation.png"}
 
-_RUN_INFO = (  # run.json key -> label in "How it was trained"
+_RUN_INFO = (  # run info key -> label in "How it was trained"
     ("device", "Device"),
     ("hardware", "Hardware"),
     ("cpu_threads", "CPU threads"),
@@ -78,33 +78,8 @@ figcaption code, p code { font-size: 13px; }
 # ----------------------------------------------------------------------------- reading a run folder
 
 
-def _read_json(path: Path):
-    """A JSON file's contents, or None when it is missing or unreadable."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def read_log(path: Path) -> list[dict]:
-    """The records of a log.jsonl file; missing file or broken lines are skipped."""
-    records = []
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError:
-        return records
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
 def _flatten(values: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}: metrics.json is mostly flat, nested parts are tolerated."""
+    """{"a": {"b": 1}} -> {"a.b": 1}: the metrics are mostly flat, nested parts are tolerated."""
     flat = {}
     for key, value in values.items():
         name = f"{prefix}{key}"
@@ -116,8 +91,8 @@ def _flatten(values: dict, prefix: str = "") -> dict:
 
 
 def read_metrics(run_dir) -> dict:
-    """metrics.json of a run as a flat dict ({} when there is none)."""
-    metrics = _read_json(Path(run_dir) / "metrics.json")
+    """The metrics of a run as a flat dict ({} when there are none)."""
+    metrics = rundir.read_metrics(run_dir)
     return _flatten(metrics) if isinstance(metrics, dict) else {}
 
 
@@ -276,7 +251,7 @@ def _metrics_tables(metrics: dict) -> str:
                '<th>seed document</th><th>better</th><th>what it measures</th></tr></thead>'
                f'<tbody>{"".join(rows)}</tbody></table>')
     else:
-        out = '<p class="note">No metrics.json in this run folder: run the evaluation to fill this table.</p>'
+        out = f'<p class="note">No {rundir.METRICS_FILE} in this run folder: run the evaluation to fill this table.</p>'
         seeds = "".join(f'<tr><td class="metric">{_e(m.key)}</td><td class="num">{_e(format_value(m.seed_document))}'
                         "</td></tr>" for m in METRICS.values() if m.seed_document is not None)
         out += ('<p>The seed document reports:</p><table id="seed-document"><thead><tr><th>metric</th>'
@@ -306,22 +281,24 @@ def _training_section(run_info: dict | None, records: list[dict], config: dict |
         if key not in dict(_RUN_INFO):
             rows.append((key, format_value(value)))
     if not rows:
-        return '<p class="note">No run.json or log.jsonl in this run folder.</p>'
+        return f'<p class="note">No {rundir.RUN_INFO_FILE} or {rundir.LOG_FILE} in this run folder.</p>'
     return _kv_table(rows, "training")
 
 
 def write_report(run_dir) -> Path:
-    """Write run_dir/report.html, a single self-contained page about one run, and return its path.
+    """Write the report page of a run folder, a single self-contained page about one run, and
+    return its path.
 
-    Reads whatever of config.json, run.json, log.jsonl, metrics.json and figures/*.png exists;
-    missing parts are noted in the page rather than raising.
+    Reads whatever of the config, run info, log, metrics and figures exists; missing parts are
+    noted in the page rather than raising.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no run folder at {run_dir}")
-    config = _read_json(run_dir / "config.json")
-    run_info = _read_json(run_dir / "run.json")
-    records = read_log(run_dir / "log.jsonl")
+    rundir.check_writable(run_dir, "report writes its page there")
+    config = rundir.read_config_values(run_dir)
+    run_info = rundir.read_run_info(run_dir)
+    records = rundir.read_log(run_dir)
     metrics = read_metrics(run_dir)
     name = run_dir.resolve().name
 
@@ -336,7 +313,7 @@ def write_report(run_dir) -> Path:
     if isinstance(config, dict) and config:
         parts.append(_kv_table([(k, _format_setting(v)) for k, v in config.items()], "config", per_line=3))
     else:
-        parts.append('<p class="note">No readable config.json in this run folder.</p>')
+        parts.append(f'<p class="note">No readable {rundir.CONFIG_FILE} in this run folder.</p>')
 
     parts.append("<h2>Metrics</h2>")
     parts.append("<p>Each number is beside its references (the same measure on raw pixels, the chance "
@@ -345,7 +322,7 @@ def write_report(run_dir) -> Path:
     parts.append(_metrics_tables(metrics))
 
     parts.append("<h2>Figures</h2>")
-    figures = _figure_order(run_dir / "figures")
+    figures = _figure_order(rundir.figures_dir(run_dir))
     if not figures:
         parts.append('<p class="note">No figures in this run folder.</p>')
     for path in figures:
@@ -355,10 +332,7 @@ def write_report(run_dir) -> Path:
             f"<figcaption><code>{_e(path.name)}</code>: {_e(_caption(path.name))}</figcaption></figure>")
 
     page = _page(f"omnivae report: {name}", "\n".join(parts))
-    target = run_dir / "report.html"
-    with atomic_write(target) as tmp:
-        tmp.write_text(page, encoding="utf-8")
-    return target
+    return rundir.write_text(rundir.report_path(run_dir), page)
 
 
 def _page(title: str, body: str) -> str:
@@ -383,7 +357,7 @@ def _compare_rows(run_dirs, fold_ci95: bool = True) -> tuple[list[str], list[lis
     values = []
     for run_dir in run_dirs:
         found = read_metrics(run_dir)
-        info = _read_json(run_dir / "run.json")
+        info = rundir.read_run_info(run_dir)
         if isinstance(info, dict) and "train_seconds" in info:
             found["train_seconds"] = info["train_seconds"]
         values.append(found)
@@ -399,9 +373,9 @@ def _compare_rows(run_dirs, fold_ci95: bool = True) -> tuple[list[str], list[lis
 
 
 def protocol_warnings(run_dirs) -> list[str]:
-    """One line for each way the runs' metrics.json differ in what their numbers mean: the
+    """One line for each way the runs' metrics differ in what their numbers mean: the
     evaluation protocol version (files without one are version 1) or the split they were
-    computed on. Runs without metrics.json are left out."""
+    computed on. Runs without metrics are left out."""
     run_dirs = [Path(p) for p in run_dirs]
     found = {name: read_metrics(d) for name, d in zip(_run_names(run_dirs), run_dirs)}
     found = {name: m for name, m in found.items() if m}
@@ -490,7 +464,4 @@ def write_compare_page(run_dirs, path) -> Path:
                 parts.append(f'<figure><img src="{_png_data_uri(png)}" alt="{_e(key)}"><figcaption>'
                              f"<code>{_e(key)}</code>: {_describe(metric.description)}</figcaption></figure>")
         parts.append("</div>")
-    path = Path(path)
-    with atomic_write(path) as tmp_path:
-        tmp_path.write_text(_page("omnivae: runs compared", "\n".join(parts)), encoding="utf-8")
-    return path
+    return rundir.write_text(path, _page("omnivae: runs compared", "\n".join(parts)))

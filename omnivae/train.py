@@ -1,8 +1,7 @@
-"""Training: one loop, small helpers, atomic checkpoints that load without unpickling code."""
+"""Training: one loop and small helpers; what it writes into the run folder is rundir's business."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -14,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import data as omni_data
+from . import rundir
 from .config import Config, ConfigError
 from .losses import (
     REGULARIZERS,
@@ -29,11 +27,17 @@ from .losses import (
     r1_penalty,
     supervised_contrastive,
 )
-from .model import Discriminator, ModelConfig, StructuredVAE, StyleAdversary
+from .model import Discriminator, ModelConfig, StructuredVAE, StyleAdversary, resolve_device
+from .rundir import finished_epochs  # noqa: F401  (importable from here, as before rundir existed)
 
-WEIGHTS = "model.safetensors"  # the VAE's own state dict, as StructuredVAE.from_pretrained reads it
-STATE = "train_state.pt"  # the epoch, optimiser states and helper modules' weights; tensors and plain types only
 PARTS = ("content", "style")
+SHOWN = ("recon", "content", "style", "contrastive")  # loss terms on the progress bar
+SHOW_EVERY = 50  # steps between progress-bar updates (each reads numbers off the device)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on: a loss term or the gradient stopped being finite. Nothing of the
+    epoch was written; the run folder keeps its last checkpoint."""
 
 
 @dataclass
@@ -62,14 +66,6 @@ class Parts:
         if self.disc_optimizer is not None:
             found["disc_optimizer"] = self.disc_optimizer
         return found
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for, but no CUDA device is available")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -106,8 +102,10 @@ def _codes(cfg: Config, out, part: str):
     return mean, logvar, (mean if cfg.match_codes == "mean" else code)
 
 
-def train_step(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, ramp: float = 1.0) -> dict:
-    """One update of the VAE (and its helpers), then of the discriminators. Returns loss terms.
+def update(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, ramp: float = 1.0) -> dict:
+    """One update of the VAE (and its helpers), then of the discriminators. Returns the loss terms
+    and the VAE's gradient norm as 0-d tensors left on the device: reading them waits for the
+    device, so the training loop does it once per epoch (`train_step` reads them at once).
 
     x: (B, 1, S, S) in [0, 1]; label: (B,) training-character index, used only by the
     content-level terms. With cfg.group_size > 1 the batch is G groups of M drawings.
@@ -144,12 +142,19 @@ def train_step(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, 
 
     parts.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    grads = [p.grad for group in parts.optimizer.param_groups for p in group["params"] if p.grad is not None]
+    terms["grad_norm"] = torch.nn.utils.get_total_norm(grads)
     parts.optimizer.step()
 
     for _ in range(cfg.disc_steps if parts.discriminators else 0):
         terms["disc"] = discriminator_step(parts, cfg, out)
-    terms["loss"] = loss.detach()
-    return {k: float(v.detach()) for k, v in terms.items()}
+    terms["loss"] = loss
+    return {k: v.detach() for k, v in terms.items()}
+
+
+def train_step(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, ramp: float = 1.0) -> dict:
+    """`update`, with the loss terms read back as numbers."""
+    return {k: float(v) for k, v in update(parts, cfg, x, label, ramp).items()}
 
 
 def discriminator_step(parts: Parts, cfg: Config, out) -> torch.Tensor:
@@ -225,6 +230,76 @@ def lr_schedule(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=done_steps - 1)
 
 
+class EpochTotals:
+    """Sums of the loss terms over an epoch, kept on the device so that a step waits for nothing,
+    with the first step at which a sum stopped being finite (a loss term or the gradient norm went
+    NaN or infinite) and which sums did. `means` reads them once, at the end of the epoch."""
+
+    def __init__(self):
+        self.names, self.steps = [], 0
+
+    def add(self, step: int, terms: dict) -> None:
+        values = torch.stack(list(terms.values()))  # (T,) one per loss term
+        if not self.steps:
+            self.names = list(terms)
+            self.sums = torch.zeros_like(values)
+            self.first_bad = torch.tensor(-1, device=values.device)
+            self.bad_sums = self.sums
+        self.sums = self.sums + values
+        self.steps += 1
+        went_bad = (self.first_bad < 0) & ~torch.isfinite(self.sums).all()
+        self.first_bad = torch.where(went_bad, step, self.first_bad)
+        self.bad_sums = torch.where(went_bad, self.sums, self.bad_sums)
+
+    def means(self, epoch: int) -> dict:
+        """{term: mean over the epoch's steps}; TrainingError naming the epoch (counted from 1),
+        step and term when a value was not finite."""
+        if not self.steps:
+            return {}
+        step = int(self.first_bad)  # waits for the device, once per epoch
+        if step >= 0:
+            bad = {n: v for n, v in zip(self.names, self.bad_sums.tolist()) if not math.isfinite(v)}
+            terms = [n for n in bad if n not in ("loss", "grad_norm")]  # the terms that broke, not their sum
+            if len(terms) > 1:
+                what = f"the loss terms {', '.join(terms[:-1])} and {terms[-1]} are"
+            elif terms:
+                what = f"the loss term {terms[0]} is"
+            else:
+                what = "the gradient norm is" if "grad_norm" in bad else "the total loss is"
+            value = bad[(terms or list(bad))[0]]
+            raise TrainingError(f"training diverged at epoch {epoch}, step {step + 1} of {self.steps}: {what} "
+                                f"{value}; {_kept(epoch)}")
+        return dict(zip(self.names, (self.sums / self.steps).tolist()))
+
+
+def _kept(epoch: int) -> str:
+    """What a run folder keeps when epoch `epoch` (counted from 1) fails."""
+    if epoch == 1:
+        return "nothing was saved: the run stopped before its first checkpoint (a lower lr may help)"
+    return f"epoch {epoch} was not saved and the run folder keeps its checkpoint of epoch {epoch - 1} (a lower lr may help)"
+
+
+def train_epoch(parts: Parts, cfg: Config, images: torch.Tensor, label: torch.Tensor, plan: list, epoch: int,
+                schedule, progress: bool) -> dict:
+    """One pass over `plan` (index arrays of the batches); returns the mean of each loss term.
+    images: (N, 1, S, S) and label: (N,) on the training device; `epoch` counts from 0."""
+    totals = EpochTotals()
+    bar = tqdm(plan, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+    for i, idx in enumerate(bar):
+        done = epoch + i / len(plan)
+        ramp = min(1.0, done / cfg.warmup_epochs) if cfg.warmup_epochs > 0 else 1.0
+        idx = torch.as_tensor(idx, device=label.device)
+        x, y = images[idx], label[idx]
+        if cfg.rotations:
+            x, y = rotate_as_new_characters(x, y, cfg.group_size)
+        terms = update(parts, cfg, x, y, ramp)
+        schedule.step()
+        totals.add(i, terms)
+        if progress and i % SHOW_EVERY == 0:
+            bar.set_postfix({k: f"{float(v):.3g}" for k, v in terms.items() if k in SHOWN})
+    return totals.means(epoch + 1)
+
+
 def train(
     cfg: Config,
     run_dir,
@@ -235,30 +310,29 @@ def train(
     dataset: omni_data.Omniglot | None = None,
     epochs: int | None = None,
 ) -> Path:
-    """Train a model into run_dir (config.json, model.safetensors, train_state.pt, log.jsonl).
+    """Train a model into run_dir, checkpointing every epoch (see rundir for the files).
 
-    With resume=True the run's own config.json is used and training continues from the
-    last finished epoch; `epochs` then sets a new total (written to config.json), and a run
-    that has finished its epochs is left as it is. `dataset` replaces the background set
-    (tests use tiny data).
+    With resume=True the run's own config is used and training continues from the last
+    checkpoint; a run that has finished its epochs is left as it is. A folder stopped before its
+    first checkpoint starts again either way. `epochs` sets a new total (written to the config).
+    `dataset` replaces the background set (tests use tiny data). Raises TrainingError, keeping the
+    last checkpoint, when a loss or gradient stops being finite.
     """
     run_dir = Path(run_dir)
     if resume:
-        if not (run_dir / "config.json").exists():
-            raise ConfigError(f"cannot resume: {run_dir} holds no config.json")
-        cfg = Config.load(run_dir / "config.json")
-        if epochs is not None and epochs != cfg.epochs:
-            finished = finished_epochs(run_dir)
-            if epochs < finished:
-                raise ConfigError(f"epochs={epochs} is fewer than the {finished} epochs {run_dir} has finished")
-            cfg = dataclasses.replace(cfg, epochs=epochs)
-            cfg.validate()
-    elif (run_dir / WEIGHTS).exists():
+        cfg = rundir.read_config(run_dir)
+    elif rundir.is_trained(run_dir):
         raise ConfigError(f"{run_dir} already holds a trained run; use --resume or another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "config.json")
-    if resume and finished_epochs(run_dir) >= cfg.epochs:
-        return run_dir  # nothing left to train; run.json keeps the timing of the training that ran
+    checkpoint = rundir.resume(run_dir)  # None for a new run, or one stopped before its first checkpoint
+    start = checkpoint.epoch if checkpoint else 0
+    if epochs is not None and epochs != cfg.epochs:
+        if epochs < start:
+            raise ConfigError(f"epochs={epochs} is fewer than the {start} epochs {run_dir} has finished")
+        cfg = dataclasses.replace(cfg, epochs=epochs)
+        cfg.validate()
+    rundir.write_config(run_dir, cfg)
+    if start >= cfg.epochs:
+        return run_dir  # nothing left to train; the run info keeps the timing of the training that ran
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     if cfg.threads:
@@ -274,32 +348,19 @@ def train(
     val_images = val_set.tensors().to(device)
 
     parts = build_parts(cfg, len(classes) * (4 if cfg.rotations else 1), device)
-    start = load_state(run_dir, parts, device) if resume else 0
+    if checkpoint:
+        restore(parts, checkpoint)
+        checkpoint = None  # the modules and optimisers hold it now
     steps_per_epoch = len(batches(cfg, train_set.character, 0))  # the same every epoch
     schedule = lr_schedule(cfg, parts.optimizer, cfg.epochs * steps_per_epoch, start * steps_per_epoch)
     started = time.time()
     for epoch in range(start, cfg.epochs):
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # per-epoch seed: a resumed run repeats the same noise
-        epoch_start, sums = time.time(), {}
-        bar = tqdm(batches(cfg, train_set.character, epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
-        for i, idx in enumerate(bar):
-            done = epoch + i / steps_per_epoch
-            ramp = min(1.0, done / cfg.warmup_epochs) if cfg.warmup_epochs > 0 else 1.0
-            idx = torch.as_tensor(idx, device=device)
-            x, y = images[idx], label[idx]
-            if cfg.rotations:
-                x, y = rotate_as_new_characters(x, y, cfg.group_size)
-            terms = train_step(parts, cfg, x, y, ramp)
-            schedule.step()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v
-            bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items() if k in ("recon", "content", "style", "contrastive")})
-        record = {"epoch": epoch + 1, "seconds": round(time.time() - epoch_start, 2)}
-        record.update({k: v / max(1, len(bar)) for k, v in sums.items()})
+        epoch_start = time.time()
+        means = train_epoch(parts, cfg, images, label, batches(cfg, train_set.character, epoch), epoch, schedule, progress)
+        record = {"epoch": epoch + 1, "seconds": round(time.time() - epoch_start, 2), **means}
         record.update(validate(parts.model, val_images))
-        with open(run_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        save_checkpoint(run_dir, parts, epoch + 1)
+        save_checkpoint(run_dir, parts, record)
         if progress:
             shown = ", ".join(f"{k} {record[k]:.2f}" for k in ("recon", "val_recon", "contrastive") if k in record)
             tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: {shown} ({record['seconds']:.0f}s)")
@@ -307,18 +368,56 @@ def train(
     return run_dir
 
 
+def save_checkpoint(run_dir: Path, parts: Parts, record: dict) -> None:
+    """Every module and optimiser with the epoch's log record, as one checkpoint (rundir.save).
+    Refuses, with TrainingError, a state that is not finite: the last checkpoint stays."""
+    checkpoint = rundir.Checkpoint(
+        epoch=record["epoch"],
+        model=parts.model.state_dict(),
+        modules={name: m.state_dict() for name, m in parts.helpers().items()},
+        optimizers={name: opt.state_dict() for name, opt in parts.optimizers().items()},
+        record=record,
+    )
+    try:
+        rundir.save(run_dir, checkpoint)
+    except rundir.NonFiniteError as err:
+        raise TrainingError(f"training diverged in epoch {record['epoch']}: {err}; {_kept(record['epoch'])}") from None
+
+
+def restore(parts: Parts, checkpoint: rundir.Checkpoint) -> None:
+    """Load a checkpoint into every module and optimiser."""
+    rundir.load_weights(parts.model, checkpoint.model, "the checkpoint")
+    try:
+        for name, module in parts.helpers().items():
+            module.load_state_dict(checkpoint.modules[name])
+        for name, opt in parts.optimizers().items():
+            opt.load_state_dict(checkpoint.optimizers[name])
+    except (KeyError, RuntimeError, ValueError) as err:
+        raise ConfigError(f"the checkpoint does not fit its {rundir.CONFIG_FILE}: "
+                          f"{' '.join(str(err).split())}") from None
+
+
+def load_state(run_dir, parts: Parts, device="cpu") -> int:
+    """Restore every module and optimiser of a run from its checkpoint (read onto `device`);
+    returns the number of finished epochs, 0 when it has no checkpoint yet."""
+    checkpoint = rundir.resume(run_dir, device)
+    if checkpoint is None:
+        return 0
+    restore(parts, checkpoint)
+    return checkpoint.epoch
+
+
 def write_run_info(run_dir: Path, device: torch.device, seconds: float, images: int) -> None:
     """Where and how long the (last part of the) training ran, for the report."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    info = {
+    rundir.write_run_info(run_dir, {
         "device": str(device),
         "hardware": name,
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "train_seconds": round(seconds, 1),
         "images_per_second": round(images / max(seconds, 1e-9), 1),
-    }
-    write_text_atomic(run_dir / "run.json", json.dumps(info, indent=2) + "\n")
+    })
 
 
 def cpu_name() -> str:
@@ -332,75 +431,3 @@ def cpu_name() -> str:
     except OSError:
         pass
     return f"{name}, {os.cpu_count()} cores"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(run_dir: Path, parts: Parts, epoch: int) -> None:
-    """The VAE's state dict to model.safetensors (the Hub layout, so that
-    StructuredVAE.from_pretrained(run_dir) reads it); the epoch, optimiser states and the helper
-    modules' weights to train_state.pt. Each is written to a temporary file first and renamed, so
-    an interrupted write never leaves a broken checkpoint."""
-    weights = {k: v.detach().cpu().contiguous() for k, v in parts.model.state_dict().items()}
-    tmp = run_dir / (WEIGHTS + ".tmp")
-    save_file(weights, str(tmp), metadata={"format": "pt", "epoch": str(epoch)})
-    state = {name: opt.state_dict() for name, opt in parts.optimizers().items()}
-    state["modules"] = {name: m.state_dict() for name, m in parts.helpers().items()}
-    state["epoch"] = epoch
-    tmp_state = run_dir / (STATE + ".tmp")
-    torch.save(state, tmp_state)
-    os.replace(tmp_state, run_dir / STATE)
-    os.replace(tmp, run_dir / WEIGHTS)
-
-
-def _load_weights(run_dir: Path, model: StructuredVAE, device) -> None:
-    path = Path(run_dir) / WEIGHTS
-    if not path.exists():
-        raise ConfigError(f"{run_dir} holds no {WEIGHTS}: not a trained run folder")
-    try:
-        weights = load_file(str(path), device=str(device))
-    except Exception as err:  # safetensors raises several kinds on a damaged file
-        raise ConfigError(f"cannot read {path}: {err}") from None
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as err:  # names or shapes that do not fit the config
-        raise ConfigError(f"cannot load {path}: {err}") from None
-
-
-def load_state(run_dir: Path, parts: Parts, device) -> int:
-    """Restore every module and optimiser of a run; returns the number of finished epochs."""
-    _load_weights(run_dir, parts.model, device)
-    state = torch.load(Path(run_dir) / STATE, map_location=device, weights_only=True)
-    for name, module in parts.helpers().items():
-        module.load_state_dict(state["modules"][name])
-    for name, opt in parts.optimizers().items():
-        opt.load_state_dict(state[name])
-    return int(state["epoch"])
-
-
-def finished_epochs(run_dir) -> int:
-    """Epochs a run folder's checkpoint holds; 0 when it has none yet."""
-    path = Path(run_dir) / STATE
-    if not path.exists():
-        return 0
-    return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
-
-
-def load(run_dir, device: str = "cpu") -> StructuredVAE:
-    """The trained model of a run folder on `device`, in eval mode: `StructuredVAE.from_pretrained`
-    with the run folder's own errors (only weights are read: no pickles)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").exists():
-        raise ConfigError(f"{run_dir} holds no config.json: not a run folder")
-    if not (run_dir / WEIGHTS).exists():
-        raise ConfigError(f"{run_dir} holds no {WEIGHTS}: not a trained run folder")
-    try:
-        model = StructuredVAE.from_pretrained(run_dir, map_location=str(resolve_device(device)))
-    except (SafetensorError, RuntimeError, ValueError) as err:  # a damaged file, a bad config, weights that do not fit it
-        raise ConfigError(f"cannot load the model of {run_dir}: {err}") from None
-    return model.eval()

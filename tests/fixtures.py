@@ -108,3 +108,27 @@ def synthetic_omniglot(characters: int = 8, drawers: int = 20, size: int = 28, a
         alphabet=np.array(alphabet, dtype=np.int16),
         alphabet_names=[f"Alphabet_{a}" for a in range(alphabets)],
     )
+
+
+def killed_write(path: Path) -> Path:
+    """Start writing `path` through omnivae.rundir.atomic_write in another process and SIGKILL it
+    mid-write; returns the temporary file it leaves behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys, time\nfrom omnivae.rundir import atomic_write\n"
+            "with atomic_write(sys.argv[1]) as tmp:\n"
+            "    tmp.write_bytes(b'half a file')\n"
+            "    print(tmp, flush=True)\n"
+            "    time.sleep(60)\n")
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    writer = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True, env=env)
+    tmp = Path(writer.stdout.readline().strip())
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    writer.stdout.close()
+    assert tmp.exists() and tmp.parent == Path(path).parent
+    return tmp
