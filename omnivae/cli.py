@@ -154,6 +154,7 @@ def _config_options(p: argparse.ArgumentParser) -> None:
 
 def _picture_options(p: argparse.ArgumentParser, drawings: int | None = None) -> None:
     p.add_argument("run_dir", type=_run_folder, metavar="RUN_DIR", help="a trained run folder")
+    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
     if drawings is not None:
         p.add_argument("--n", type=_count(1, MAX_DRAWINGS), default=drawings,
                        help=f"how many drawings, 1 to {MAX_DRAWINGS} (default {drawings})")
@@ -220,7 +221,6 @@ def build_parser() -> argparse.ArgumentParser:
     _picture_options(p, drawings=64)
     p.add_argument("--temperature", type=_positive_float, default=1.0,
                    help="scale of the prior samples, a finite number > 0 (default 1)")
-    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
 
     p = command("swap", cmd_swap, "grid: one row per content image, one column per style image",
                 "Draw each content image's character in each style image's hand: one row per content image, "
@@ -230,14 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Omniglot PNGs (105x105) whose characters to draw")
     p.add_argument("--style", type=_image_file, nargs="+", required=True, metavar="PNG",
                    help="Omniglot PNGs (105x105) whose hands to draw in")
-    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
 
     p = command("one-shot", cmd_one_shot, "new drawings of a character from a single drawing of it",
                 "Encode one drawing of a (possibly unseen) character and draw it again in styles from the prior.")
     _picture_options(p, drawings=16)
     p.add_argument("image", type=_image_file, metavar="PNG",
                    help="one Omniglot PNG (105x105), for example from the evaluation set")
-    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
 
     p = command("interpolate", cmd_interpolate, "walk between two drawings in content or in style",
                 "Decode points on the straight line between the codes of two drawings, in the content code, "
@@ -249,7 +247,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which code walks; the other stays at the first drawing's (default: content)")
     p.add_argument("--steps", type=_count(2, MAX_STEPS), default=10,
                    help=f"drawings along the walk, both ends included, 2 to {MAX_STEPS} (default 10)")
-    p.add_argument("--out", type=Path, required=True, help="PNG file to write")
 
     p = command("report", cmd_report, f"write RUN_DIR/{rundir.REPORT_FILE}: config, metrics, figures, one page",
                 f"Write RUN_DIR/{rundir.REPORT_FILE}, one self-contained page with the run's config, training, "
