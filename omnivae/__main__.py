@@ -1,3 +1,4 @@
+"""`python -m omnivae`: the command line as a module, for torchrun and environments without the script."""
 import sys
 
 from .cli import main
