@@ -24,6 +24,7 @@ REPORT_MODULES = ("scipy", "sklearn", "matplotlib", "openTSNE")  # the `report` 
 
 EPILOG = """examples:
   omnivae run --preset default --out runs/default        # data, training, evaluation, report
+  omnivae run --data-dir my_glyphs --out runs/mine        # your own images: my_glyphs/<class>/<image>.png
   omnivae train --preset quick --out runs/quick --set epochs=1 --set content_dim=16
   omnivae train --resume runs/quick --set epochs=4       # continue, with more epochs
   omnivae evaluate runs/quick --subset 2000 --nll-k 100
@@ -119,7 +120,8 @@ def _run_folder(text: str) -> Path:
 
 def _data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, metavar="DIR", help="folder with the Omniglot zips or their extracted "
-                   "folders (default: $OMNIVAE_DATA_DIR, else a cache folder; downloaded when missing)")
+                   "folders (default: $OMNIVAE_DATA_DIR, else a cache folder; downloaded when missing), or an image "
+                   "folder of your own: DIR/<class>/<image>.png or DIR/<group>/<class>/<image>.png")
     p.add_argument("--cache-dir", type=Path, metavar="DIR", help="folder for decoded arrays and cached helpers "
                    "(default: $OMNIVAE_CACHE_DIR, else ~/.cache/omnivae/arrays)")
 

@@ -26,6 +26,8 @@ class Config:
     # random among the 26 with >= 20 characters: 211 of the 964 background characters.
     val_alphabets: tuple[str, ...] = ("Bengali", "Burmese_(Myanmar)", "Grantha", "Gujarati", "Korean")
     val_holdout: bool = False  # keep val_alphabets out of training, so runs can be scored on them (`evaluate --split validation`)
+    data: str = "omniglot"  # omniglot | folder: your own image folder as --data-dir (train sets it when it finds one)
+    test_classes: float = 0.2  # image folders: share of the classes held out of training (a fixed draw), for evaluate
     # --- model
     content_dim: int = 32  # size of the content code (which character)
     style_dim: int = 16  # size of the style code (how it was drawn)
@@ -109,6 +111,7 @@ class Config:
             "match_codes": ("mean", "sample"),
             "grouping": ("product", "average"),
             "image_size": IMAGE_SIZES,
+            "data": ("omniglot", "folder"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -133,6 +136,12 @@ class Config:
                 raise ConfigError(f"{key} must be >= 0, got {value}")
         if self.lr_min_ratio > 1:
             raise ConfigError(f"lr_min_ratio must be between 0 and 1, got {self.lr_min_ratio}")
+        if not 0 < self.test_classes < 1:
+            raise ConfigError(f"test_classes must be between 0 and 1 (a fraction of the classes), "
+                              f"got {self.test_classes}")
+        if self.data == "folder" and self.val_holdout:
+            raise ConfigError("val_holdout holds out Omniglot alphabets; a run on an image folder holds out "
+                              "test_classes instead")
         if self.disc_label_smoothing >= 1:
             raise ConfigError(f"disc_label_smoothing must be below 1, got {self.disc_label_smoothing}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):

@@ -1,4 +1,5 @@
-"""Omniglot: download, check, decode once into a cache, and sample batches by character.
+"""Omniglot or your own image folder: download, check, decode once into a cache, and sample
+batches by character.
 
 The data set (Lake, Salakhutdinov and Tenenbaum, "Human-level concept learning through
 probabilistic program induction", Science 2015) comes as zips of 105x105 1-bit PNGs laid out
@@ -7,6 +8,10 @@ as `images_<set>/<Alphabet>/characterNN/<charid>_<drawer>.png`, ink black on whi
 A data folder holds either the zips or the extracted `images_<set>/` folders; it is only ever
 read, never written (except by `fetch` when it downloads a missing zip). Decoded arrays live in
 a separate cache folder as one `.npz` per (set, image size, source fingerprint).
+
+A data folder may instead be an image folder of your own (`load_folder`): one sub-folder of PNGs
+per class, optionally inside one folder per group; each class is a character, its images are the
+drawings and a group is an alphabet.
 """
 from __future__ import annotations
 
@@ -57,6 +62,8 @@ SETS = {
 SIZES = (28, 32, 64, 105)
 SOURCE_SIZE = 105  # every upstream image is 105x105
 MAX_IMAGE_BYTES = 20 * 2**20  # an upstream PNG is about 1 kB; larger files and zip members are refused unread
+MAX_SIDE = 4096  # largest side of an image-folder PNG, checked on its header before any pixel is decoded
+FOLDER_LAYOUT = "<class>/<image>.png or <group>/<class>/<image>.png"
 URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/{folder}.zip"
 
 _CACHE_VERSION = 2  # bump when decoding changes, so old cache files are not reused
@@ -199,6 +206,19 @@ def _read_file(path: Path, name: str) -> bytes:
     return data
 
 
+def _files(root: Path) -> list[str]:
+    """Every file under the folder root, as a '/'-separated path relative to it."""
+    resolved = root.resolve()
+    names = []
+    for folder, _, files in os.walk(root):
+        for file in files:
+            full = Path(folder) / file
+            if not full.resolve().is_relative_to(resolved):  # a symlink pointing elsewhere
+                raise DataError(f"{full} points outside {root}; refusing to read it")
+            names.append(full.relative_to(root).as_posix())
+    return names
+
+
 class _Source:
     """Member names (relative, '/'-separated, starting with the set folder) and their bytes.
 
@@ -227,15 +247,7 @@ class _Source:
     def names(self) -> list[str]:
         if self.zip is not None:
             return [i.filename for i in self.zip.infolist() if not i.is_dir()]
-        root = self.path.resolve()
-        names = []
-        for folder, _, files in os.walk(self.path):
-            for file in files:
-                full = Path(folder) / file
-                if not full.resolve().is_relative_to(root):  # a symlink pointing elsewhere
-                    raise DataError(f"{full} points outside {self.path}; refusing to read it")
-                names.append(f"{self.info.folder}/{full.relative_to(self.path).as_posix()}")
-        return names
+        return [f"{self.info.folder}/{name}" for name in _files(self.path)]
 
     def read(self, name: str) -> bytes:
         if self.zip is None:
@@ -346,35 +358,75 @@ def _to_8_bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(gray, "L")
 
 
-def _decode(image: Image.Image, size: int, name: str) -> np.ndarray:
-    """An opened upstream image -> (size, size) uint8, ink = 255, box-filtered."""
-    if image.size != (SOURCE_SIZE, SOURCE_SIZE):  # checked on the header, before decoding pixels
-        raise DataError(f"{name} is {image.size[0]}x{image.size[1]}, expected {SOURCE_SIZE}x{SOURCE_SIZE}")
+def _to_gray(image: Image.Image, name: str) -> Image.Image:
+    """An opened PNG of any mode -> its grey levels ("L"), transparent pixels as white paper."""
     try:  # PIL reports damaged data with many exception types; each one is a bad image here
         image = _to_8_bit(image)
         if "A" in image.getbands() or "transparency" in image.info:
             # Transparent pixels are paper: put the image on white before the alpha is dropped.
             image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
-        gray = image.convert("L").point(_INVERT)  # 1-bit -> 0/255, then ink = 255
+        return image.convert("L")  # decodes the pixels
     except Exception as err:
         raise DataError(f"{name} is not a readable PNG ({_why(err)})") from err
+
+
+def _decode(image: Image.Image, size: int, name: str) -> np.ndarray:
+    """An opened upstream image -> (size, size) uint8, ink = 255, box-filtered."""
+    if image.size != (SOURCE_SIZE, SOURCE_SIZE):  # checked on the header, before decoding pixels
+        raise DataError(f"{name} is {image.size[0]}x{image.size[1]}, expected {SOURCE_SIZE}x{SOURCE_SIZE}")
+    gray = _to_gray(image, name).point(_INVERT)  # 1-bit -> 0/255, then ink = 255
     if size != SOURCE_SIZE:
         # The box filter averages ink over each output pixel's footprint, so stroke area is kept.
         gray = gray.resize((size, size), Image.BOX)
     return np.array(gray, dtype=np.uint8)  # a writable copy (PIL gives a read-only view)
 
 
-def _decode_bytes(data: bytes, size: int, name: str) -> np.ndarray:
+def _open_png(data: bytes, name: str) -> Image.Image:
     # Only the PNG reader is tried: the others (some of which run external programs) never see
-    # these bytes. Opening reads the header only; PIL's MAX_IMAGE_PIXELS and then _decode's
-    # size check refuse a huge declared size before any pixel is decoded.
+    # these bytes. Opening reads the header only; PIL's MAX_IMAGE_PIXELS and then the callers'
+    # size checks refuse a huge declared size before any pixel is decoded.
     try:
-        image = Image.open(io.BytesIO(data), formats=["PNG"])
+        return Image.open(io.BytesIO(data), formats=["PNG"])
     except Image.UnidentifiedImageError as err:
         raise DataError(f"{name} is not a PNG, or its header is damaged") from err
     except Exception as err:
         raise DataError(f"{name} is not a readable PNG ({_why(err)})") from err
-    return _decode(image, size, name)
+
+
+def _decode_bytes(data: bytes, size: int, name: str) -> np.ndarray:
+    return _decode(_open_png(data, name), size, name)
+
+
+def _decode_any(data: bytes, size: int, name: str) -> np.ndarray:
+    """A PNG of any size and mode (an image-folder image) -> (size, size) uint8, ink = 255.
+
+    Grey levels with transparency on white (as `_decode`); inverted when the background is light,
+    judged by the median of the border pixels, so that ink is bright whichever way it was drawn;
+    levels stretched so that this background is 0, like Omniglot's paper; padded to a square
+    with it, centred, so nothing is cropped or stretched; then resized with the box filter
+    Omniglot's images go through.
+    """
+    image = _open_png(data, name)
+    if max(image.size) > MAX_SIDE:  # checked on the header, before decoding pixels
+        raise DataError(f"{name} is {image.size[0]}x{image.size[1]}; images over {MAX_SIDE} pixels a side "
+                        "are refused")
+    gray = _to_gray(image, name)
+    pixels = np.asarray(gray)  # (H, W)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    background = int(round(float(np.median(border))))
+    if background > 127:  # light paper, dark ink
+        gray, background = gray.point(_INVERT), 255 - background
+    if background > 0:  # grey paper becomes 0, as Omniglot's; 255 stays 255
+        gray = gray.point([max(v - background, 0) * 255 // (255 - background) for v in range(256)])
+    width, height = gray.size
+    side = max(width, height)
+    if width != height:
+        square = Image.new("L", (side, side), 0)
+        square.paste(gray, ((side - width) // 2, (side - height) // 2))
+        gray = square
+    if side != size:
+        gray = gray.resize((size, size), Image.BOX)
+    return np.array(gray, dtype=np.uint8)  # a writable copy
 
 
 def _check_size(size: int) -> None:
@@ -409,8 +461,8 @@ class Omniglot:
     """Decoded Omniglot images with their labels; rows sorted by (character, drawer)."""
 
     images: np.ndarray  # (N, S, S) uint8, ink = 255
-    character: np.ndarray  # (N,) int16, the global character id 1..1623
-    drawer: np.ndarray  # (N,) int8, who drew it, 1..20
+    character: np.ndarray  # (N,) int16, the global character id 1..1623 (an image folder: its class, 1..C)
+    drawer: np.ndarray  # (N,) int8, who drew it, 1..20; 0: unknown (an image folder)
     alphabet: np.ndarray  # (N,) int16, index into alphabet_names
     alphabet_names: list[str]
 
@@ -426,6 +478,10 @@ class Omniglot:
     def tensors(self) -> torch.Tensor:
         """Images as (N, 1, S, S) float32 in [0, 1], ink = 1."""
         return _to_tensor(self.images)[:, None]  # (N, 1, S, S)
+
+    def has_drawers(self) -> bool:
+        """Whether every drawing says who drew it (Omniglot does; an image folder does not)."""
+        return bool((self.drawer > 0).all())
 
 
 def _decode_set(source: Path, info: SetInfo, size: int, check_counts: bool, progress: bool) -> Omniglot:
@@ -466,6 +522,20 @@ def _write_cache(path: Path, data: Omniglot) -> None:
                  alphabet=data.alphabet, alphabet_names=np.array(data.alphabet_names, dtype=str))
 
 
+def _cache(path: Path, prefix: str, data: Omniglot) -> None:
+    """Write a fresh decode to path and remove older decodes of the same source (same prefix);
+    only warns when the cache folder cannot be written."""
+    try:
+        _write_cache(path, data)
+    except OSError as err:
+        warnings.warn(f"could not cache decoded images in {path.parent} ({err}); "
+                      "set OMNIVAE_CACHE_DIR to a writable folder to avoid decoding every time")
+    else:
+        for stale in path.parent.glob(f"{prefix}*.npz"):  # older decodes of a source that changed
+            if stale != path:
+                stale.unlink(missing_ok=True)
+
+
 def load_set(name: str = "background", size: int = 28, data_dir: str | Path | None = None,
              cache_dir: str | Path | None = None, progress: bool = True, check_counts: bool = True) -> Omniglot:
     """Load one Omniglot set at size x size pixels, decoding it on first use and caching the arrays.
@@ -490,15 +560,7 @@ def load_set(name: str = "background", size: int = 28, data_dir: str | Path | No
     data = _read_cache(cache_path)
     if data is None:
         data = _decode_set(source, info, size, check_counts, progress)
-        try:
-            _write_cache(cache_path, data)
-        except OSError as err:
-            warnings.warn(f"could not cache decoded images in {cache_dir} ({err}); "
-                          "set OMNIVAE_CACHE_DIR to a writable folder to avoid decoding every time")
-        else:
-            for stale in cache_dir.glob(f"{prefix}*.npz"):  # older decodes of a source that changed
-                if stale != cache_path:
-                    stale.unlink(missing_ok=True)
+        _cache(cache_path, prefix, data)
     elif check_counts:  # a cache written with check_counts=False may hold a partial set
         _check_counts(source, info, len(data.alphabet_names), len(np.unique(data.character)), len(data))
     return data
@@ -529,6 +591,121 @@ def split_by_alphabet(data: Omniglot, alphabets) -> tuple[Omniglot, Omniglot]:
     if len(rest) == 0:
         raise DataError("holding out the validation alphabets leaves no training images")
     return rest, held_out
+
+
+# ---------------------------------------------------------------------------------------------
+# Your own data: an image folder
+
+
+def is_image_folder(data_dir) -> bool:
+    """Whether data_dir is an image folder of your own rather than an Omniglot data folder: a
+    folder with sub-folders and none of the Omniglot zips or their extracted folders."""
+    if data_dir is None or not Path(data_dir).is_dir():
+        return False
+    path = Path(data_dir)
+    if any(_find_source(path, info) is not None for info in SETS.values()):
+        return False
+    return any(child.is_dir() and not _is_litter(child.name) for child in path.iterdir())
+
+
+def _folder_classes(folder: Path, names: list[str], min_images: int) -> dict[tuple[str, str], list[str]]:
+    """Check an image folder's file names: {(group, class): its image names}, both sorted.
+
+    Hidden files (and macOS litter) are skipped, and so are files other than PNGs at the top,
+    such as a README; anything else out of place is a DataError naming it.
+    """
+    flat, grouped = [], []  # '/'-separated names of <class>/<image> and <group>/<class>/<image>
+    for name in sorted(names):
+        if _is_litter(name):
+            continue
+        depth = name.count("/") + 1
+        if not name.lower().endswith(".png"):
+            if depth == 1:
+                continue
+            raise DataError(f"{folder / name} is not a PNG; an image folder holds PNG images only ({FOLDER_LAYOUT})")
+        if depth not in (2, 3):
+            raise DataError(f"{folder / name} is not where an image belongs: expected {FOLDER_LAYOUT}")
+        (flat if depth == 2 else grouped).append(name)
+    if flat and grouped:
+        raise DataError(f"{folder} mixes two layouts: {flat[0]} is <class>/<image> but {grouped[0]} is "
+                        "<group>/<class>/<image>; use one of them for every image")
+    if not flat and not grouped:
+        raise DataError(f"no PNG images found in {folder}: expected {FOLDER_LAYOUT}")
+    group = folder.resolve().name or "images"  # the one group of the flat layout
+    classes: dict[tuple[str, str], list[str]] = {}
+    for name in flat or grouped:
+        parts = name.split("/")
+        key = (group, parts[0]) if flat else (parts[0], parts[1])
+        classes.setdefault(key, []).append(name)
+    if len(classes) < 2:
+        raise DataError(f"{folder} holds 1 class; it needs at least 2 (one sub-folder of images per class)")
+    if len(classes) > np.iinfo(np.int16).max:
+        raise DataError(f"{folder} holds {len(classes)} classes; at most {np.iinfo(np.int16).max} are supported")
+    short = [(key, len(images)) for key, images in classes.items() if len(images) < min_images]
+    if short:
+        (g, c), count = short[0]
+        label = c if flat else f"{g}/{c}"
+        more = f" ({len(short)} classes are short)" if len(short) > 1 else ""
+        why = "the group size" if min_images > 2 else "one drawing to learn it from, another to recognise"
+        raise DataError(f"class {label} in {folder} has {count} image{'s' * (count != 1)}; every class needs at "
+                        f"least {min_images} ({why}){more}")
+    return dict(sorted(classes.items()))
+
+
+def load_folder(folder, size: int = 28, cache_dir: str | Path | None = None, min_images: int = 2,
+                progress: bool = True) -> Omniglot:
+    """Your own images as an `Omniglot`: FOLDER/<class>/<image>.png, or FOLDER/<group>/<class>/<image>.png.
+
+    Each class is a character (ids 1..C in the order of group, then class name), its images are
+    its drawings (rows in file-name order) and each group an alphabet (the flat layout is one
+    group, named after the folder). Nobody recorded who drew what: `drawer` is 0 (unknown)
+    everywhere. PNGs of any size and mode are turned into training pixels by `_decode_any`
+    (grey, ink bright, padded square, box-filtered to size x size). Every class needs at least
+    max(2, min_images) images (pass the group size): one drawing to show a character and another
+    to recognise it by. Names are checked before any pixel is read; the arrays are cached like
+    Omniglot's, keyed by the folder, the size and a fingerprint of its files. Any problem (too
+    few classes or images, an unreadable image, a mixed layout) raises a one-line DataError.
+    """
+    if folder is None:
+        raise DataError(f"no image folder given: pass it as the data folder (--data-dir), laid out as {FOLDER_LAYOUT}")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder")
+    _check_size(size)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    classes = _folder_classes(folder, _files(folder), max(2, min_images))
+    prefix = f"folder_{hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:8]}_{size}_"
+    cache_path = cache_dir / f"{prefix}{_fingerprint(folder)}.npz"
+    data = _read_cache(cache_path)
+    if data is None:
+        group_names = sorted({group for group, _ in classes})
+        rows = [(c + 1, group_names.index(key[0]), name) for c, (key, names) in enumerate(classes.items())
+                for name in names]  # (character, group, file name), one per image
+        images = np.empty((len(rows), size, size), dtype=np.uint8)  # (N, S, S)
+        for row, (_, _, name) in enumerate(tqdm(rows, desc=f"decoding {folder.name} at {size}px", unit="img",
+                                                disable=not progress)):
+            path = folder / name
+            images[row] = _decode_any(_read_file(path, str(path)), size, str(path))
+        data = Omniglot(images, np.array([r[0] for r in rows], dtype=np.int16), np.zeros(len(rows), dtype=np.int8),
+                        np.array([r[1] for r in rows], dtype=np.int16), group_names)
+        _cache(cache_path, prefix, data)
+    return data
+
+
+def split_by_class(data: Omniglot, fraction: float, seed: int = 0) -> tuple[Omniglot, Omniglot]:
+    """Split into (rest, held_out): held_out holds every drawing of round(fraction * C) of the C
+    characters (at least 1, at most C - 1), drawn with numpy default_rng(seed).
+
+    The draw depends only on the character ids and the seed, so every run on the same image
+    folder holds out the same classes, whatever its training seed; they are as unseen as the
+    evaluation set's characters, and `evaluate` scores image-folder runs on them.
+    """
+    ids = np.unique(data.character)
+    if len(ids) < 2:
+        raise DataError(f"holding out classes needs at least 2, found {len(ids)}")
+    count = min(max(1, round(fraction * len(ids))), len(ids) - 1)
+    held_out = np.isin(data.character, np.random.default_rng(seed).choice(ids, count, replace=False))
+    return data.subset(~held_out), data.subset(held_out)
 
 
 # ---------------------------------------------------------------------------------------------

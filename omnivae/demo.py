@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import io
 import ipaddress
 import json
@@ -32,7 +33,7 @@ from PIL import Image
 
 from . import data as omni_data
 from . import generate
-from .train import load
+from .rundir import load, read_config
 
 MAX_BODY = 2 * 1024 * 1024  # bytes a request may carry: a drawing as a PNG data URI is ~10-50 kB
 # A larger body is read and dropped up to this size, so the client gets the error instead of a
@@ -304,12 +305,23 @@ class Demo:
 
     @classmethod
     def build(cls, run_dir, data_dir=None, cache_dir=None, progress: bool = False) -> "Demo":
-        """Load a run's model and the evaluation set at the model's image size."""
+        """Load a run's model and the drawings it is scored on (`evaluate.load_split`): the
+        evaluation set, or the held-out classes of a run trained on an image folder (data_dir)."""
+        from .evaluate import load_split
+
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
             raise DemoError(f"{run_dir} does not exist: give the folder of a trained run")
         model = load(run_dir)
-        evaluation = omni_data.load_set("evaluation", model.image_size, data_dir, cache_dir, progress=progress)
+        evaluation = load_split(read_config(run_dir), "evaluation", data_dir, cache_dir, progress=progress)
+        if not evaluation.has_drawers():
+            # An image folder records no drawers: number each class's drawings 1, 2, ... instead, so
+            # that the page can pick any of them (the gallery holds each class's first).
+            order = np.argsort(evaluation.character, kind="stable")
+            _, starts, counts = np.unique(evaluation.character[order], return_index=True, return_counts=True)
+            number = np.empty(len(order), dtype=np.int64)
+            number[order] = np.arange(len(order)) - np.repeat(starts, counts) + 1
+            evaluation = dataclasses.replace(evaluation, drawer=number)
         return cls(model, evaluation, run_dir.name)
 
     def info(self) -> dict:

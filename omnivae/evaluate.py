@@ -1,10 +1,15 @@
 """`omnivae evaluate`: every metric on the evaluation set (unseen alphabets), figures, metrics.json.
 
+A run trained on an image folder of your own is scored on its held-out classes instead; that data
+records no drawers, so few-shot episodes take two random drawings of each class and the metrics
+that need drawers (the drawer-code reference, swap consistency) are left out.
+
 Every metrics.json key is a record of `omnivae.registry`; `named` turns a metric function's result
 into those keys, so nothing here renames them.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -30,6 +35,8 @@ SPLITS = {  # what `split` evaluates on; swap consistency always uses the traini
     "evaluation": "evaluation set (20 unseen alphabets, 659 characters)",
     "validation": "validation alphabets (held out of the background set by val_holdout)",
 }
+FOLDER_SPLIT = ("{classes} held-out classes of an image folder (test_classes); no drawers: few-shot episodes pair "
+                "two random drawings of each class, swap consistency is skipped")
 
 
 @torch.no_grad()
@@ -45,9 +52,16 @@ def encode_all(model, images: torch.Tensor, batch: int = 1024) -> dict[str, np.n
 
 def load_split(cfg: Config, split: str, data_dir=None, cache_dir=None, progress: bool = True) -> omni_data.Omniglot:
     """The images a run is scored on: the evaluation set, or the validation alphabets of a run
-    that never trained on them (cfg.val_holdout)."""
+    that never trained on them (cfg.val_holdout). A run trained on an image folder (cfg.data ==
+    "folder", data_dir that folder) is scored on the classes it held out (cfg.test_classes)."""
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if cfg.data == "folder":
+        if split != "evaluation":
+            raise ConfigError("a run trained on an image folder is scored on its held-out classes: "
+                              "use --split evaluation")
+        folder = omni_data.load_folder(data_dir, cfg.image_size, cache_dir, progress=progress)
+        return omni_data.split_by_class(folder, cfg.test_classes)[1]
     if split == "evaluation":
         return omni_data.load_set("evaluation", cfg.image_size, data_dir, cache_dir, progress=progress)
     if not cfg.val_holdout:
@@ -68,17 +82,44 @@ def whole_alphabets(test: omni_data.Omniglot, images: int, seed: int) -> omni_da
 
 def _few_shot(name: str, codes, test: omni_data.Omniglot, ways: int, episodes: int, seed: int) -> dict:
     """The registry's keys for the few-shot accuracy of codes `name` (and its 95% half-width) on the
-    episodes of `seed`."""
-    score = metrics.few_shot_accuracy(codes, test.character, test.alphabet, test.drawer, ways, episodes, seed)
+    episodes of `seed`.
+
+    Data without drawers (an image folder) gets a drawer-free variant: each character's drawings
+    are put in a random order (child 2 of `seed`; the episodes use children 0 and 1) that stands
+    in for the drawers, so an episode's support and query of a character are two distinct random
+    drawings, and the characters come from the whole set rather than one alphabet. No keys when
+    it holds fewer than `ways` characters.
+    """
+    drawer, within_alphabet = test.drawer, True
+    if not test.has_drawers():
+        if len(np.unique(test.character)) < ways:
+            return {}
+        drawer, within_alphabet = _drawing_order(test.character, metrics.child_seeds(seed, 3)[2]), False
+    score = metrics.few_shot_accuracy(codes, test.character, test.alphabet, drawer, ways, episodes, seed,
+                                      within_alphabet=within_alphabet)
     return named(metrics.few_shot_accuracy, score, codes=name, ways=ways)
+
+
+def _drawing_order(character: np.ndarray, seed: int) -> np.ndarray:
+    """(N,) each drawing's place, from 1, in a random order of its character's drawings (numpy
+    default_rng(seed))."""
+    order = np.lexsort((np.random.default_rng(seed).random(len(character)), character))  # by character, shuffled
+    _, starts, counts = np.unique(character[order], return_index=True, return_counts=True)
+    place = np.empty(len(character), dtype=np.int64)
+    place[order] = np.arange(len(order)) - np.repeat(starts, counts) + 1
+    return place
 
 
 def pixel_baseline(test: omni_data.Omniglot, seed: int, cache_dir, episodes: int) -> dict:
     """The raw-pixel numbers (k-means, NMI, 20- and 5-way 1-shot with their 95% half-widths) on
     the same streams of `seed` (the evaluation seed) as `code_metrics`, hence on the same
-    episodes. Cached per protocol version, set size and seed since they do not depend on the model."""
+    episodes. Cached per protocol version, data (a digest of its images and labels) and seed since
+    they do not depend on the model."""
     cache_dir = Path(cache_dir or omni_data.default_cache_dir())
-    key = (f"pixels_v{PROTOCOL_VERSION}_{test.images.shape[1]}_{len(test)}_{int(test.character.sum())}"
+    digest = hashlib.sha1()  # of the images and labels: two image folders may share every count
+    for array in (test.images, test.character, test.drawer, test.alphabet):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    key = (f"pixels_v{PROTOCOL_VERSION}_{test.images.shape[1]}_{len(test)}_{digest.hexdigest()[:12]}"
            f"_{seed}_{episodes}.json")
     path = cache_dir / key
     if path.exists():
@@ -154,10 +195,11 @@ def code_metrics(codes: dict, test: omni_data.Omniglot, seed: int, episodes: int
         match = metrics.prior_match(means, seed=prior_seeds[part])
         results.update(named(metrics.prior_match, match, part=part, codes="means"))
 
-    _, drawer_index = np.unique(test.drawer, return_inverse=True)
-    drawer_code = np.eye(drawer_index.max() + 1)[drawer_index]  # (N, drawers) one-hot
+    if test.has_drawers():  # image folders record no drawers
+        _, drawer_index = np.unique(test.drawer, return_inverse=True)
+        drawer_code = np.eye(drawer_index.max() + 1)[drawer_index]  # (N, drawers) one-hot
+        results.update(_few_shot("drawer_code", drawer_code, test, 20, episodes, streams["episodes"]))
     random_code = np.random.default_rng(streams["random_codes"]).standard_normal(codes["style_mean"].shape)  # (N, Ds)
-    results.update(_few_shot("drawer_code", drawer_code, test, 20, episodes, streams["episodes"]))
     results.update(_few_shot("random_code", random_code, test, 20, episodes, streams["episodes"]))
     return results
 
@@ -180,7 +222,8 @@ def evaluate(
 
     split: "evaluation" (the 20 unseen alphabets: the numbers to report, looked at once) or
     "validation" (the background alphabets `val_alphabets`, for every choice; only for runs
-    trained with val_holdout=true, which never saw them).
+    trained with val_holdout=true, which never saw them). A run trained on an image folder (give
+    it as data_dir again) is scored on its held-out classes, without the drawer metrics.
 
     subset: evaluate on about that many test images for a quick look: whole alphabets drawn at
     random until they hold at least `subset` images, so few-shot episodes keep their protocol.
@@ -212,7 +255,8 @@ def evaluate(
         step.update()
 
     codes = encode_all(model, images)
-    results = {"protocol_version": PROTOCOL_VERSION, "split": split, "split_description": SPLITS[split],
+    described = SPLITS[split] if cfg.data != "folder" else FOLDER_SPLIT.format(classes=len(np.unique(test.character)))
+    results = {"protocol_version": PROTOCOL_VERSION, "split": split, "split_description": described,
                "test_images": len(test)}
     done("encoded")
     results.update(code_metrics(codes, test, seed, episodes))
@@ -220,7 +264,7 @@ def evaluate(
     results.update(pixel_baseline(test, seed, cache_dir, episodes))
     done("pixel baseline")
 
-    if swap_pairs:
+    if swap_pairs and test.has_drawers():  # the judge and the swaps use held-out drawers
         background = omni_data.load_set("background", cfg.image_size, data_dir, cache_dir, progress=progress)
         train_set, held_out = omni_data.split_by_drawer(background, cfg.val_drawers)
         classifier = judge(cfg, train_set, cache_dir, model.device, progress)

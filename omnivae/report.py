@@ -303,7 +303,8 @@ def write_report(run_dir) -> Path:
     name = run_dir.resolve().name
 
     parts = [f"<h1>omnivae run: {_e(name)}</h1>"]
-    subtitle = "A structured VAE on Omniglot: a content code (which character) and a style code (how it was drawn)."
+    data = "an image folder" if isinstance(config, dict) and config.get("data") == "folder" else "Omniglot"
+    subtitle = f"A structured VAE on {data}: a content code (which character) and a style code (how it was drawn)."
     parts.append(f'<p class="sub">{_e(subtitle)}</p>')
 
     parts.append("<h2>How it was trained</h2>")

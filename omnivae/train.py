@@ -315,7 +315,9 @@ def train(
     With resume=True the run's own config is used and training continues from the last
     checkpoint; a run that has finished its epochs is left as it is. A folder stopped before its
     first checkpoint starts again either way. `epochs` sets a new total (written to the config).
-    `dataset` replaces the background set (tests use tiny data). Raises TrainingError, keeping the
+    `dataset` replaces the background set (tests use tiny data). When data_dir is an image folder
+    (`data.is_image_folder`), a new run trains on it instead, with cfg.data set to "folder"; its
+    held-out classes (cfg.test_classes) never enter training. Raises TrainingError, keeping the
     last checkpoint, when a loss or gradient stops being finite.
     """
     run_dir = Path(run_dir)
@@ -330,6 +332,9 @@ def train(
             raise ConfigError(f"epochs={epochs} is fewer than the {start} epochs {run_dir} has finished")
         cfg = dataclasses.replace(cfg, epochs=epochs)
         cfg.validate()
+    if not resume and dataset is None and cfg.data == "omniglot" and omni_data.is_image_folder(data_dir):
+        cfg = dataclasses.replace(cfg, data="folder")  # recorded, so that evaluate scores its held-out classes
+        cfg.validate()
     rundir.write_config(run_dir, cfg)
     if start >= cfg.epochs:
         return run_dir  # nothing left to train; the run info keeps the timing of the training that ran
@@ -338,11 +343,16 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
+    if dataset is None and cfg.data == "folder":
+        dataset = omni_data.load_folder(data_dir, cfg.image_size, cache_dir, cfg.group_size, progress=progress)
     if dataset is None:
         dataset = omni_data.load_set("background", cfg.image_size, data_dir, cache_dir, progress=progress)
     if cfg.val_holdout:  # the validation alphabets never enter training
         dataset = omni_data.split_by_alphabet(dataset, cfg.val_alphabets)[0]
-    train_set, val_set = omni_data.split_by_drawer(dataset, cfg.val_drawers)
+    if cfg.data == "folder":  # no drawers: validated on the held-out classes, which evaluate scores
+        train_set, val_set = omni_data.split_by_class(dataset, cfg.test_classes)
+    else:
+        train_set, val_set = omni_data.split_by_drawer(dataset, cfg.val_drawers)
     classes, label = np.unique(train_set.character, return_inverse=True)
     images, label = train_set.tensors().to(device), torch.as_tensor(label, device=device)  # (N, 1, S, S), (N,)
     val_images = val_set.tensors().to(device)
