@@ -340,7 +340,7 @@ def test_resume_from_the_cli(tmp_path, tiny_sets, capsys):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
     assert exit_code(["one-shot", run, bad, "--out", tmp_path / "o.png"]) == 1
-    assert error_line(capsys).startswith(f"omnivae: error: {bad} is not a readable PNG (")
+    assert error_line(capsys).startswith(f"omnivae: error: {bad} is not a PNG, or its header is damaged")
     blocked = tmp_path / "file"
     blocked.write_text("")
     assert exit_code(["sample", run, "--n", "2", "--out", blocked / "s.png"]) == 1

@@ -303,9 +303,11 @@ def test_cli_help_names_the_options(capsys):
 
 
 def test_cli_reports_a_missing_run_folder_in_one_line(tmp_path, capsys):
-    assert cli.main(["demo", str(tmp_path / "nothing"), "--no-browser"]) == 2
+    with pytest.raises(SystemExit) as done:  # argparse checks the folder before the page starts
+        cli.main(["demo", str(tmp_path / "nothing"), "--no-browser"])
+    assert done.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("omnivae: error: ") and "does not exist" in err and "\n" not in err
+    assert err.startswith("omnivae: error: ") and "is not a run folder" in err and "\n" not in err
 
 
 def test_cli_reports_a_busy_port_in_one_line(tiny, monkeypatch, capsys):
