@@ -940,6 +940,10 @@ def test_code_metrics_known_answers(tmp_path):
     for key in ("content_20way_1shot", "content_5way_1shot"):
         assert results[key] == 1.0 and results[f"{key}_ci95"] == 0.0
     assert results["content_kmeans_accuracy"] > 0.95 and results["content_nmi"] > 0.95
+    # And so do 5-shot prototypes and k-means within each alphabet, on content means and on pixels.
+    for key in ("content_20way_5shot", "pixel_20way_5shot"):
+        assert results[key] == 1.0 and results[f"{key}_ci95"] == 0.0
+    assert results["content_alphabet_kmeans_accuracy"] > 0.95 and results["pixel_alphabet_kmeans_accuracy"] == 1.0
     # Random style codes, drawer-only codes and random codes: chance, 1/20, within a few half-widths.
     for name in ("style", "drawer_code", "random_code"):
         accuracy, ci95 = results[f"{name}_20way_1shot"], results[f"{name}_20way_1shot_ci95"]
@@ -967,7 +971,7 @@ def test_code_metrics_known_answers(tmp_path):
     assert pixels["pixel_20way_1shot"] == pixels["pixel_5way_1shot"] == 1.0
     assert pixels["pixel_20way_1shot_ci95"] == 0.0 and pixels["pixel_kmeans_accuracy"] > 0.95
     (cached,) = tmp_path.glob("pixels_*.json")
-    assert cached.name.startswith("pixels_v2_")
+    assert cached.name.startswith("pixels_v3_")
     assert pixel_baseline(test, seed=0, cache_dir=tmp_path, episodes=500) == pixels
 
 
