@@ -73,6 +73,8 @@ class Config:
     nll_images: int = 500  # test images (a fixed subset) for the likelihood; 0 means all
     episodes: int = 1000  # episodes per few-shot test
     swap_pairs: int = 2000  # image pairs for swap consistency; 0 skips it
+    set_nll_k: int = 1000  # importance samples per set, set and one-shot likelihoods; 0 skips them (so does nll_k = 0)
+    set_nll_sets: int = 50  # sets of 5 drawings of one test character for them; 0 skips them
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -122,7 +124,7 @@ class Config:
         for key in ("disc_hidden", "disc_steps", "episodes"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("threads", "nll_k", "nll_images", "swap_pairs", "tsne_characters"):
+        for key in ("threads", "nll_k", "nll_images", "swap_pairs", "tsne_characters", "set_nll_k", "set_nll_sets"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         floats = [f.name for f in dataclasses.fields(self) if typing.get_type_hints(type(self))[f.name] is float]
@@ -183,7 +185,7 @@ PRESETS: dict[str, dict] = {
     # Smoke test: a few minutes end to end on 2 CPU cores.
     "quick": dict(epochs=2, channels=16, hidden=128, group_size=4, groups=16, contrastive_weight=100.0,
                   style_regularizer="kl", style_weight=3.0, rotations=True, nll_k=200, nll_images=200, episodes=300,
-                  swap_pairs=500),
+                  swap_pairs=500, set_nll_k=200, set_nll_sets=25),
     # The seed document's design: two heads, concatenated, MMD, no grouping, no labels.
     "seed": dict(content_regularizer="mmd", style_regularizer="mmd", group_size=1, epochs=10),
     # The best configuration so far; what the README's main command trains. Grouped batches

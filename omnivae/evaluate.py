@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,10 @@ from .rundir import load
 TSNE_POINTS = 4000  # drawings in the by-alphabet t-SNE maps
 # Version of the evaluation protocol, written into the run's metrics: `omnivae compare` warns when
 # runs were measured under different versions. 2: Lake-style few-shot episodes, prior match
-# on sampled codes, one random stream per use, validation alphabets.
-PROTOCOL_VERSION = 2
+# on sampled codes, one random stream per use, validation alphabets. 3: the swap judge trains
+# with augmentations like a decoder's (so swap numbers moved), and new metrics: per-alphabet
+# clustering, 20-way 5-shot, digits transfer, style effect, set and one-shot likelihoods.
+PROTOCOL_VERSION = 3
 SPLITS = {  # what `split` evaluates on; swap consistency always uses the training characters' held-out drawers
     "evaluation": "evaluation set (20 unseen alphabets, 659 characters)",
     "validation": "validation alphabets (held out of the background set by val_holdout)",
@@ -139,6 +142,8 @@ def pixel_baseline(test: omni_data.Omniglot, seed: int, cache_dir, episodes: int
 
 
 JUDGE_EPOCHS, JUDGE_CHANNELS = 5, 16  # about 80 s on 2 CPU cores at 28 px, once per cache folder
+SET_SIZE = 5  # drawings per set of the set likelihood, as SCHA-VAE's test sets
+STYLE_EFFECT_STYLES = 5  # style codes per content in the style effect (fewer when characters have fewer drawers)
 
 
 def judge(cfg: Config, train_set: omni_data.Omniglot, cache_dir, device, progress: bool):
@@ -147,13 +152,14 @@ def judge(cfg: Config, train_set: omni_data.Omniglot, cache_dir, device, progres
     ids = np.unique(train_set.character)
     cache_dir = Path(cache_dir or omni_data.default_cache_dir())
     drawers = "-".join(map(str, cfg.val_drawers))
-    path = cache_dir / f"judge_{cfg.image_size}_{len(ids)}_{drawers}_{cfg.eval_seed}_{JUDGE_EPOCHS}x{JUDGE_CHANNELS}.safetensors"
+    path = cache_dir / f"judge_{cfg.image_size}_{len(ids)}_{drawers}_{cfg.eval_seed}_{JUDGE_EPOCHS}x{JUDGE_CHANNELS}_aug.safetensors"
     if path.exists():
         classifier = metrics.CharacterClassifier(ids, JUDGE_CHANNELS).to(device)
         classifier.load_state_dict(load_file(str(path), device=str(device)))
         return classifier.eval()
     classifier = metrics.train_classifier(train_set.tensors(), train_set.character, epochs=JUDGE_EPOCHS,
-                                          seed=cfg.eval_seed, device=device, progress=progress, channels=JUDGE_CHANNELS)
+                                          seed=cfg.eval_seed, device=device, progress=progress, channels=JUDGE_CHANNELS,
+                                          augment=True)
     try:
         with rundir.atomic_write(path) as tmp:
             save_file({k: v.cpu().contiguous() for k, v in classifier.state_dict().items()}, str(tmp))
@@ -172,7 +178,9 @@ def code_metrics(codes: dict, test: omni_data.Omniglot, seed: int, episodes: int
     only the drawer (one-hot drawer id; chance, since an episode's supports share one drawer)
     and random N(0, I) codes (chance); prior match of the aggregate posterior, on one code per
     image sampled from q(z | x) (`prior_*`) and, secondary, on the means (`prior_*_means_*`,
-    with the same prior samples).
+    with the same prior samples). Content means and raw pixels: per-alphabet k-means and 20-way
+    5-shot episodes (both on the same episodes; None where the split has no 6 drawers sharing 20
+    characters of an alphabet).
     """
     streams = metrics.eval_streams(seed)
     kl = metrics.per_image_kl(codes["content_mean"], codes["content_logvar"], codes["style_mean"], codes["style_logvar"])
@@ -201,6 +209,75 @@ def code_metrics(codes: dict, test: omni_data.Omniglot, seed: int, episodes: int
         results.update(_few_shot("drawer_code", drawer_code, test, 20, episodes, streams["episodes"]))
     random_code = np.random.default_rng(streams["random_codes"]).standard_normal(codes["style_mean"].shape)  # (N, Ds)
     results.update(_few_shot("random_code", random_code, test, 20, episodes, streams["episodes"]))
+
+    pixels = test.images.reshape(len(test), -1).astype(np.float64) / 255.0  # (N, S * S)
+    for name, values in (("content", codes["content_mean"]), ("pixel", pixels)):
+        scores = metrics.alphabet_kmeans_scores(values, test.character, test.alphabet, seed=streams["alphabet_kmeans"])
+        results.update(named(metrics.alphabet_kmeans_scores, scores, codes=name))
+        results.update(_multi_shot(name, values, test, 20, 5, episodes, streams["episodes_5shot"]))
+    return results
+
+
+def _multi_shot(name: str, codes, test: omni_data.Omniglot, ways: int, shots: int, episodes: int, seed: int) -> dict:
+    """The registry's keys for the K-shot accuracy of codes `name` on the episodes of `seed`; None when the
+    split has no `shots` + 1 drawers who drew `ways` characters of one alphabet in common."""
+    try:
+        score = metrics.few_shot_accuracy(codes, test.character, test.alphabet, test.drawer, ways, episodes, seed,
+                                          shots=shots)
+    except ValueError:  # no episode can be built on this split
+        score = defaultdict(lambda: None)
+    return named(metrics.few_shot_accuracy, score, codes=name, ways=ways, shots=shots)
+
+
+def transfer_metrics(model, image_size: int, seed: int, episodes: int) -> dict:
+    """Few-shot transfer to scikit-learn's handwritten digits (`data.load_digits`), a set the model never saw.
+
+    10-way 1-shot and 5-shot episodes (`metrics.labelled_few_shot_accuracy`) on the content means
+    and on the raw pixels, both on the same episodes; `seed` is the evaluation's "digits" stream."""
+    images, labels = omni_data.load_digits(image_size)
+    content, _ = metrics.encode_images(model, images)  # (1797, Dc)
+    pixels = images.reshape(len(images), -1).astype(np.float64) / 255.0  # (1797, S * S)
+    results = {}
+    for shots, shot_seed in zip((1, 5), metrics.child_seeds(seed, 2)):
+        for name, codes in (("content", content), ("pixel", pixels)):
+            score = metrics.labelled_few_shot_accuracy(codes, labels, 10, shots, episodes, shot_seed)
+            results.update(named(metrics.labelled_few_shot_accuracy, score, codes=name, shots=shots))
+    return results
+
+
+def style_effect_metrics(model, test: omni_data.Omniglot, images: torch.Tensor, seed: int, codes=None) -> dict:
+    """`metrics.style_effect` with STYLE_EFFECT_STYLES styles, or as many as the characters' drawers allow
+    (one fewer than the most drawers of a character); `seed` is the evaluation's "style_effect" stream;
+    codes: encode_all's, when already computed."""
+    cells = np.unique(np.stack([test.character, test.drawer], 1), axis=0)  # (character, drawer) pairs
+    drawers = np.unique(cells[:, 0], return_counts=True)[1].max()  # the most drawers of one character
+    styles = min(STYLE_EFFECT_STYLES, drawers - 1)
+    if styles < 2:
+        return named(metrics.style_effect, defaultdict(lambda: None))
+    means = None if codes is None else (codes["content_mean"], codes["style_mean"])
+    result = metrics.style_effect(model, images, test.character, test.alphabet, test.drawer, styles, seed, codes=means)
+    return named(metrics.style_effect, result)
+
+
+def set_likelihoods(model, images: torch.Tensor, character, k: int, sets: int, seed: int, progress: bool) -> dict:
+    """`set_nll_5` and `conditional_nll_1shot` on `sets` random sets of SET_SIZE drawings of one character.
+
+    The sets are a random choice among every character's drawings split into disjoint sets
+    (`metrics.character_sets`); their drawings are binarised once; the one-shot conditional uses the
+    first two drawings of each set, -log p(first | second). Every random use on its own stream of
+    `seed` (the evaluation seed). None where no character has SET_SIZE drawings."""
+    streams = metrics.eval_streams(seed)
+    chosen = metrics.character_sets(character, SET_SIZE, streams["set_nll_sets"])[:sets]  # (n, SET_SIZE)
+    if not len(chosen):
+        return {**named(metrics.set_nll, defaultdict(lambda: None)),
+                **named(metrics.conditional_nll, defaultdict(lambda: None))}
+    rows = np.unique(chosen)  # the drawings used, sorted
+    binary = metrics.binarize(images[torch.as_tensor(rows)], seed=streams["set_binarize"])
+    local = np.searchsorted(rows, chosen)  # (n, SET_SIZE) rows of `binary`
+    set_seed, pair_seed = metrics.child_seeds(streams["set_iwae"], 2)
+    results = named(metrics.set_nll, metrics.set_nll(model, binary, local, k=k, seed=set_seed, progress=progress))
+    pairs = metrics.conditional_nll(model, binary, local[:, :2], k=k, seed=pair_seed, progress=progress)
+    results.update(named(metrics.conditional_nll, pairs))
     return results
 
 
@@ -230,6 +307,8 @@ def evaluate(
     nll_k, nll_images, episodes, swap_pairs: the evaluation budget; None takes the run's config
     value (see Config): importance samples per image for the likelihood (0 skips it), test
     images it uses (a fixed subset; 0 means all), few-shot episodes, swap pairs (0 skips it).
+    The set and one-shot likelihoods take their budget from the config (set_nll_k, set_nll_sets)
+    and run with the likelihood (nll_k = 0 skips them too).
     """
     started = time.time()
     run_dir = Path(run_dir)
@@ -264,6 +343,9 @@ def evaluate(
     results.update(pixel_baseline(test, seed, cache_dir, episodes))
     done("pixel baseline")
 
+    if test.has_drawers():  # styles come from drawers
+        results.update(style_effect_metrics(model, test, images, streams["style_effect"], codes))
+    results.update(transfer_metrics(model, cfg.image_size, streams["digits"], episodes))
     if swap_pairs and test.has_drawers():  # the judge and the swaps use held-out drawers
         background = omni_data.load_set("background", cfg.image_size, data_dir, cache_dir, progress=progress)
         train_set, held_out = omni_data.split_by_drawer(background, cfg.val_drawers)
@@ -273,7 +355,7 @@ def evaluate(
         swap = metrics.swap_consistency(model, classifier, held_out.tensors(), held_out.character, pairs=swap_pairs,
                                         seed=streams["swap_pairs"])
         results.update(named(metrics.swap_consistency, swap))
-    done("swap consistency")
+    done("style effect, digits, swap consistency")
 
     if nll_k:
         chosen = np.arange(len(test)) if not nll_images or nll_images >= len(test) else (
@@ -282,6 +364,9 @@ def evaluate(
         binary = metrics.binarize(images[chosen], seed=streams["binarize"])
         likelihood = metrics.iwae_nll(model, binary, k=nll_k, seed=streams["iwae"], progress=progress)
         results.update(named(metrics.iwae_nll, likelihood), nll_images=len(chosen))
+        if cfg.set_nll_k and cfg.set_nll_sets:
+            results.update(set_likelihoods(model, images, test.character, cfg.set_nll_k, cfg.set_nll_sets, seed,
+                                           progress))
     done("likelihood")
 
     if figures:

@@ -40,6 +40,13 @@ EVAL_STREAMS = (
     "binarize",  # dynamic binarisation of those images
     "iwae",  # importance-sampling noise
     "figures",  # picks, samples and t-SNE seeds of the figures
+    "alphabet_kmeans",  # k-means++ seeding of the per-alphabet clustering
+    "episodes_5shot",  # 5-shot episodes (and, within them, tie-breaking)
+    "digits",  # the episodes of the digits transfer
+    "style_effect",  # the drawings of the style effect
+    "set_nll_sets",  # the sets of drawings the set likelihood uses
+    "set_binarize",  # dynamic binarisation of those drawings
+    "set_iwae",  # importance-sampling noise of the set and conditional likelihoods
 )
 
 
@@ -157,8 +164,56 @@ def kmeans_scores(codes, labels, seed: int = 0, n_init: int = 3, max_iter: int =
     }
 
 
+def alphabet_kmeans_scores(codes, character, alphabet, seed: int = 0, n_init: int = 3) -> dict:
+    """k-means within each alphabet, K = its number of characters; accuracy averaged over alphabets.
+
+    The unsupervised cross-task protocol on the Omniglot evaluation set of Hsu et al. 2019
+    ("Multi-class classification without multi-class labels", ICLR; Hsu et al. 2018, "Learning
+    to cluster in order to transfer across domains and tasks"): each alphabet is clustered on its
+    own, scored with `cluster_accuracy` (Hungarian matching) and the scores are averaged over
+    alphabets with equal weight. With K = the alphabet's character count (the known-K setting).
+    Each alphabet is clustered by `kmeans_scores` (Lloyd, k-means++, n_init restarts,
+    random_state=seed) on one thread: on problems this small (hundreds of points) the thread
+    pool's start-up and waiting cost far more than the arithmetic (on two busy CPU cores, 20
+    alphabets of raw pixels take about 3 s on one thread and over a minute on two). Easier than
+    one k-means over all characters: an alphabet has 14 to 55 characters, and confusions with
+    other alphabets cannot happen.
+    codes: (N, D); character, alphabet: (N,) integer ids.
+    Returns {"accuracy": mean over alphabets, "nmi": mean over alphabets, "alphabets"}.
+    """
+    from threadpoolctl import threadpool_limits
+
+    codes = _as_numpy(codes)
+    character, alphabet = _as_numpy(character).ravel(), _as_numpy(alphabet).ravel()
+    with threadpool_limits(limits=1):
+        scores = [kmeans_scores(codes[alphabet == a], character[alphabet == a], seed, n_init)
+                  for a in np.unique(alphabet)]
+    return {
+        "accuracy": float(np.mean([s["accuracy"] for s in scores])),
+        "nmi": float(np.mean([s["nmi"] for s in scores])),
+        "alphabets": len(scores),
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # Few-shot classification
+
+
+def _drawing_cells(character: np.ndarray, drawer: np.ndarray, rows: np.ndarray):
+    """The drawings `rows` arranged by (character, drawer), both numbered from 0 within them.
+
+    Returns (sorted_rows, first, count, drawn): `rows` sorted by (character, drawer); for each
+    (character, drawer) cell, where its drawings start in sorted_rows and how many it has, both
+    (n_chars, n_hands); and drawn = count > 0.
+    """
+    _, char_index = np.unique(character[rows], return_inverse=True)
+    _, hand_index = np.unique(drawer[rows], return_inverse=True)
+    n_chars, n_hands = char_index.max() + 1, hand_index.max() + 1
+    order = np.lexsort((hand_index, char_index))  # rows grouped by (character, drawer)
+    cell = char_index[order] * n_hands + hand_index[order]  # (n,) flat cell index, sorted
+    count = np.bincount(cell, minlength=n_chars * n_hands).reshape(n_chars, n_hands)  # drawings per cell
+    first = np.searchsorted(cell, np.arange(n_chars * n_hands)).reshape(n_chars, n_hands)  # cell starts
+    return rows[order], first, count, count > 0
 
 
 def few_shot_episodes(character, alphabet, drawer, ways: int = 20, episodes: int = 1000, seed=0,
@@ -194,20 +249,12 @@ def few_shot_episodes(character, alphabet, drawer, ways: int = 20, episodes: int
     # and the ordered drawer pairs that share `ways` characters.
     pools = []
     for g in np.unique(group):
-        rows = np.flatnonzero(group == g)
-        _, char_index = np.unique(character[rows], return_inverse=True)
-        _, hand_index = np.unique(drawer[rows], return_inverse=True)
-        n_chars, n_hands = char_index.max() + 1, hand_index.max() + 1
-        order = np.lexsort((hand_index, char_index))  # rows grouped by (character, drawer)
-        cell = char_index[order] * n_hands + hand_index[order]  # (n,) flat cell index, sorted
-        count = np.bincount(cell, minlength=n_chars * n_hands).reshape(n_chars, n_hands)  # drawings per cell
-        first = np.searchsorted(cell, np.arange(n_chars * n_hands)).reshape(n_chars, n_hands)  # cell starts
-        drawn = count > 0  # (n_chars, n_hands)
+        rows, first, count, drawn = _drawing_cells(character, drawer, np.flatnonzero(group == g))
         both = drawn.T.astype(np.int64) @ drawn  # (n_hands, n_hands) characters drawn by both
         np.fill_diagonal(both, 0)
         pairs = np.argwhere(both >= ways)  # (P, 2) ordered (support hand, query hand)
         if len(pairs):
-            pools.append((rows[order], first, count, drawn, pairs))
+            pools.append((rows, first, count, drawn, pairs))
     if not pools:
         where = "alphabet" if within_alphabet else "set"
         raise ValueError(f"no {ways}-way episode can be built: no {where} has two drawers who both drew "
@@ -226,24 +273,127 @@ def few_shot_episodes(character, alphabet, drawer, ways: int = 20, episodes: int
     return support, query
 
 
+def _has_drawer_group(masks: list[int], size: int, ways: int) -> bool:
+    """Do `size` of the drawers share `ways` characters? masks[h]: the characters drawer h drew, as bits.
+
+    A depth-first search over sets of drawers that stops at the first one found and prunes any
+    partial set that already shares fewer than `ways` characters.
+    """
+    def search(start: int, common: int, left: int) -> bool:
+        if common.bit_count() < ways:
+            return False
+        if left == 0:
+            return True
+        return any(search(h + 1, common & masks[h], left - 1) for h in range(start, len(masks)))
+
+    return search(0, (1 << max(m.bit_length() for m in masks)) - 1 if masks else 0, size)
+
+
+def multi_shot_episodes(character, alphabet, drawer, ways: int = 20, shots: int = 5, episodes: int = 1000, seed=0,
+                        max_tries: int = 10000) -> tuple[np.ndarray, np.ndarray]:
+    """Index arrays (support (episodes, ways, shots), query (episodes, ways)) for N-way K-shot episodes.
+
+    `few_shot_episodes` (Lake et al. 2015) with K drawings to learn each character from: within an
+    episode the supports come from K drawers, each of whom drew every character once for it, and
+    the queries from another drawer, so the hands of the supports and of the query still differ,
+    and a code that knows only the hand scores chance. Each episode picks, uniformly at each step:
+      1. an alphabet among the usable ones;
+      2. a query drawer and a set of `shots` other drawers (the support drawers) among those whose
+         K + 1 drawers all drew at least `ways` characters of the alphabet in common, by rejection:
+         uniform draws of (query drawer, support drawers) until one qualifies (at most
+         `max_tries`, then ValueError);
+      3. `ways` distinct characters among those all K + 1 drew, in random order.
+    support[e, j, s] is support drawer s's drawing of character j, query[e, j] the query drawer's;
+    a (character, drawer) with several drawings gives one of them at random. An alphabet is
+    usable when some K + 1 of its drawers drew `ways` characters in common. Raises ValueError when
+    no episode can be built. Deterministic for a seed (numpy default_rng). With shots = 1 use
+    `few_shot_episodes`, whose draws these are not.
+    """
+    character = _as_numpy(character).ravel()
+    alphabet = _as_numpy(alphabet).ravel()
+    drawer = _as_numpy(drawer).ravel()
+    if not (len(character) == len(alphabet) == len(drawer)):
+        raise ValueError("character, alphabet and drawer must have one entry per image")
+    if shots < 1:
+        raise ValueError(f"shots must be >= 1, got {shots}")
+    rng = np.random.default_rng(seed)
+    pools = []
+    for a in np.unique(alphabet):
+        rows, first, count, drawn = _drawing_cells(character, drawer, np.flatnonzero(alphabet == a))
+        masks = [int(sum(1 << int(c) for c in np.flatnonzero(drawn[:, h]))) for h in range(drawn.shape[1])]
+        if drawn.shape[1] > shots and _has_drawer_group(masks, shots + 1, ways):
+            pools.append((rows, first, count, drawn))
+    if not pools:
+        raise ValueError(f"no {ways}-way {shots}-shot episode can be built: no alphabet has {shots + 1} drawers "
+                         f"who all drew {ways} of its characters")
+
+    support = np.empty((episodes, ways, shots), dtype=np.int64)
+    query = np.empty((episodes, ways), dtype=np.int64)
+    for e in range(episodes):
+        rows, first, count, drawn = pools[rng.integers(len(pools))]
+        for _ in range(max_tries):
+            hands = rng.choice(drawn.shape[1], size=shots + 1, replace=False)  # (K + 1,) query first
+            common = np.flatnonzero(drawn[:, hands].all(1))
+            if len(common) >= ways:
+                break
+        else:
+            raise ValueError(f"no {shots + 1} drawers sharing {ways} characters found in {max_tries} draws")
+        picked = rng.choice(common, size=ways, replace=False)  # (ways,) distinct, in random order
+        cells = count[picked[:, None], hands]  # (ways, K + 1) drawings per cell
+        offset = np.floor(rng.random(cells.shape) * cells).astype(np.int64)  # which drawing, if several
+        chosen = rows[first[picked[:, None], hands] + offset]  # (ways, K + 1)
+        query[e], support[e] = chosen[:, 0], chosen[:, 1:]
+    return support, query
+
+
+def labelled_episodes(labels, ways: int = 10, shots: int = 1, episodes: int = 1000, seed=0):
+    """Index arrays (support (episodes, ways, shots), query (episodes, ways)) for episodes on plain labels.
+
+    For a set with class labels only (no drawers): each episode picks `ways` distinct classes
+    among those with at least shots + 1 images, in random order, and for each class shots + 1
+    distinct images at random, the first `shots` its supports and the last its query (Vinyals
+    et al. 2016). Deterministic for a seed (numpy default_rng).
+    """
+    labels = _as_numpy(labels).ravel()
+    classes = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    classes = [rows for rows in classes if len(rows) > shots]
+    if len(classes) < ways:
+        raise ValueError(f"no {ways}-way {shots}-shot episode: only {len(classes)} classes have {shots + 1} images")
+    rng = np.random.default_rng(seed)
+    support = np.empty((episodes, ways, shots), dtype=np.int64)
+    query = np.empty((episodes, ways), dtype=np.int64)
+    for e in range(episodes):
+        for j, c in enumerate(rng.choice(len(classes), size=ways, replace=False)):
+            drawn = rng.choice(classes[c], size=shots + 1, replace=False)
+            support[e, j], query[e, j] = drawn[:shots], drawn[shots]
+    return support, query
+
+
 def _few_shot_correct(codes, support, query, seed=0, chunk: int = 100) -> np.ndarray:
     """(E, W) bool: is query[e, j]'s nearest support (cosine similarity) support[e, j]?
 
     codes: (N, D); support, query: (E, W) row indices with query[e, j] the same character as
-    support[e, j]. Ties (similarities within 1e-9 of the best, e.g. identical supports, or a
-    zero code, whose similarity to everything is 0) are broken uniformly at random with
-    numpy default_rng(seed), so a tie among t supports that include the right one scores 1 / t
-    in expectation wherever the right one sits. The episodes are scored `chunk` at a time to
+    support[e, j]. With K supports per character, support (E, W, K), each character is its
+    prototype: the mean of its K unit support codes, made unit again, so the query takes the
+    character of the nearest prototype by cosine similarity (Snell et al. 2017, "Prototypical
+    Networks for Few-shot Learning", with cosine in place of squared Euclidean distance).
+    Ties (similarities within 1e-9 of the best, e.g. identical supports, or a zero code, whose
+    similarity to everything is 0) are broken uniformly at random with numpy
+    default_rng(seed), so a tie among t supports that include the right one scores 1 / t in
+    expectation wherever the right one sits. The episodes are scored `chunk` at a time to
     bound memory; the result does not depend on `chunk`.
     """
     codes = _as_numpy(codes).astype(np.float64)  # (N, D)
     codes = codes / np.maximum(np.linalg.norm(codes, axis=1, keepdims=True), 1e-12)  # unit rows; zeros stay 0
     support, query = _as_numpy(support), _as_numpy(query)
-    episodes, ways = support.shape
+    episodes, ways = support.shape[:2]
     keys = np.random.default_rng(seed).random((episodes, ways, ways))  # (E, W queries, W supports)
     pred = np.empty((episodes, ways), dtype=np.int64)
     for start in range(0, episodes, chunk):
-        s = codes[support[start:start + chunk]]  # (e, W, D)
+        s = codes[support[start:start + chunk]]  # (e, W, D), or (e, W, K, D) with K supports each
+        if s.ndim == 4:  # prototypes: mean unit support code, made unit again
+            s = s.mean(2)  # (e, W, D)
+            s = s / np.maximum(np.linalg.norm(s, axis=-1, keepdims=True), 1e-12)
         q = codes[query[start:start + chunk]]  # (e, W, D)
         similarity = q @ s.transpose(0, 2, 1)  # (e, W queries, W supports)
         best = similarity.max(-1, keepdims=True)  # (e, W, 1)
@@ -281,17 +431,37 @@ def few_shot_scores(codes, support, query, seed=0) -> dict:
 
 
 def few_shot_accuracy(codes, character, alphabet, drawer, ways: int = 20, episodes: int = 1000, seed=0,
-                      within_alphabet: bool = True) -> dict:
-    """N-way one-shot accuracy of nearest-neighbour (cosine) classification on the codes.
+                      within_alphabet: bool = True, shots: int = 1) -> dict:
+    """N-way K-shot accuracy of nearest-neighbour (cosine) classification on the codes.
 
-    Episodes from `few_shot_episodes` (Lake et al. 2015; Vinyals et al. 2016), scored by
-    `few_shot_scores`. The episodes and the tie-breaking draw from two children of `seed`
-    (`child_seeds`), so every set of codes scored with the same labels, ways, episodes and seed
-    sees exactly the same episodes. Chance is 1 / ways.
+    One shot: episodes from `few_shot_episodes` (Lake et al. 2015; Vinyals et al. 2016). K > 1
+    shots: episodes from `multi_shot_episodes` (K support drawers, one query drawer, always within
+    an alphabet), each query taking the character of the nearest prototype (Snell et al. 2017).
+    Scored by `few_shot_scores`. The episodes and the tie-breaking draw from two children of
+    `seed` (`child_seeds`), so every set of codes scored with the same labels, ways, shots,
+    episodes and seed sees exactly the same episodes. Chance is 1 / ways.
     Returns {"accuracy": mean over episodes, "ci95": 95% half-width over episodes, "episodes"}.
     """
     episode_seed, tie_seed = child_seeds(seed, 2)
-    support, query = few_shot_episodes(character, alphabet, drawer, ways, episodes, episode_seed, within_alphabet)
+    if shots == 1:
+        support, query = few_shot_episodes(character, alphabet, drawer, ways, episodes, episode_seed, within_alphabet)
+    else:
+        if not within_alphabet:
+            raise ValueError("episodes with several shots are drawn within an alphabet only")
+        support, query = multi_shot_episodes(character, alphabet, drawer, ways, shots, episodes, episode_seed)
+    return few_shot_scores(codes, support, query, tie_seed)
+
+
+def labelled_few_shot_accuracy(codes, labels, ways: int = 10, shots: int = 1, episodes: int = 1000, seed=0) -> dict:
+    """N-way K-shot accuracy on a set with class labels only (`labelled_episodes`), as `few_shot_accuracy`.
+
+    Nearest support (one shot) or nearest prototype (Snell et al. 2017) by cosine similarity; the
+    episodes and the tie-breaking draw from two children of `seed`, so codes scored with the same
+    labels, ways, shots, episodes and seed see the same episodes. Chance is 1 / ways.
+    Returns {"accuracy", "ci95", "episodes"}.
+    """
+    episode_seed, tie_seed = child_seeds(seed, 2)
+    support, query = labelled_episodes(labels, ways, shots, episodes, episode_seed)
     return few_shot_scores(codes, support, query, tie_seed)
 
 
@@ -474,6 +644,172 @@ def iwae_nll(model, images, k: int = 1000, batch_size: int = 10, chunk: int = 10
     return {"nll": nll, "elbo_nll": -elbo_mean, "elbo": elbo_mean, "k": k}
 
 
+def character_sets(character, size: int = 5, seed=0) -> np.ndarray:
+    """(n_sets, size) row indices: every character's drawings split at random into disjoint sets of `size`.
+
+    As SCHA-VAE builds its test sets (Giannone and Winther 2022): each character's drawings in
+    random order, cut into consecutive sets of `size`, the remainder dropped (20 drawings give 4
+    sets of 5). The sets come in random order, so the first n are a random choice of n of them.
+    Deterministic for a seed (numpy default_rng).
+    """
+    character = _as_numpy(character).ravel()
+    rng = np.random.default_rng(seed)
+    sets = []
+    for c in np.unique(character):
+        rows = rng.permutation(np.flatnonzero(character == c))
+        whole = len(rows) // size * size
+        sets.append(rows[:whole].reshape(-1, size))
+    sets = np.concatenate(sets) if sets else np.empty((0, size), dtype=np.int64)
+    return sets[rng.permutation(len(sets))]
+
+
+def _set_log_weights(model, x: torch.Tensor, content_mean, content_logvar, style_mean, style_logvar,
+                     eps: torch.Tensor) -> torch.Tensor:
+    """Importance log-weights of sets of drawings that share one content code: (K, B) float64.
+
+    For a set X = (x_1..x_M) with one content code c and a style code s_i per drawing,
+      log w = log p(c) - log q(c | X) + sum_i [log p(x_i | c, s_i) + log p(s_i) - log q(s_i | x_i)],
+    c = content_mean + sigma_c * eps_c, s_i = style_mean_i + sigma_i * eps_i; p = N(0, I) for both
+    codes, p(x | c, s) Bernoulli with logits model.decode_logits(c, s), summed over pixels.
+    x: (B, M, 1, S, S); content_mean, content_logvar: (B, Dc), the proposal for the shared code;
+    style_mean, style_logvar: (B, M, Ds); eps: (K, B, Dc + M * Ds), the content noise first, then
+    each drawing's style noise (with M = 1 exactly the layout of `_log_weights`).
+    """
+    samples, b, _ = eps.shape
+    m, dc, ds = x.shape[1], content_mean.shape[1], style_mean.shape[2]
+    eps_c, eps_s = eps[..., :dc], eps[..., dc:].reshape(samples, b, m, ds)  # (K, B, Dc), (K, B, M, Ds)
+    content = content_mean + (0.5 * content_logvar).exp() * eps_c  # (K, B, Dc)
+    style = style_mean + (0.5 * style_logvar).exp() * eps_s  # (K, B, M, Ds)
+    # log N(z; 0, I) - log N(z; mean, sigma^2) = -1/2 (z^2 - eps^2 - logvar): the 2 pi terms cancel.
+    log_prior_over_q = (-0.5 * (content.pow(2) - eps_c.pow(2) - content_logvar).sum(-1)  # (K, B)
+                        - 0.5 * (style.pow(2) - eps_s.pow(2) - style_logvar).sum((-2, -1)))
+    flat_content = content[:, :, None].expand(samples, b, m, dc).reshape(-1, dc)  # (K * B * M, Dc)
+    logits = model.decode_logits(flat_content, style.reshape(-1, ds))  # (K * B * M, 1, S, S)
+    target = x.expand(samples, *x.shape).reshape(logits.shape)  # (K * B * M, 1, S, S)
+    log_p_x = -F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    log_p_x = log_p_x.flatten(1).sum(1).view(samples, b, m).sum(-1)  # (K, B)
+    return (log_p_x + log_prior_over_q).double()
+
+
+def _set_log_likelihoods(model, images: torch.Tensor, sets: np.ndarray, k: int, batch_size: int, chunk: int,
+                         generator: torch.Generator, progress: bool = False) -> torch.Tensor:
+    """log p(x_1..x_M) of every set by importance sampling with the grouped posterior: (n_sets,) float64.
+
+    images: (N, 1, S, S) binary; sets: (n_sets, M) row indices. The content proposal is the
+    product of the M single-drawing content posteriors (`losses.product_of_gaussians`, what the
+    model trains with when it groups drawings), each style proposal its drawing's own posterior.
+    log p ~= logsumexp_i log w_i - log k over k draws (Burda et al. 2016, eq. 8). The model must
+    be in eval mode. Noise: k draws per batch of `batch_size` sets from `generator` (CPU).
+    """
+    from .losses import product_of_gaussians
+
+    out = []
+    m = sets.shape[1]
+    for start in tqdm(range(0, len(sets), batch_size), desc="set likelihood", disable=not progress):
+        rows = torch.as_tensor(sets[start:start + batch_size].reshape(-1))  # (B * M,) set-major
+        x = images[rows].to(model.device)  # (B * M, 1, S, S)
+        q = model.posterior(x)
+        b = len(rows) // m
+        content_mean, content_logvar = product_of_gaussians(q.content_mean, q.content_logvar, m)  # (B, Dc)
+        style_mean = q.style_mean.view(b, m, -1)  # (B, M, Ds)
+        style_logvar = q.style_logvar.view(b, m, -1)  # (B, M, Ds)
+        width = content_mean.shape[1] + m * style_mean.shape[2]
+        eps = torch.randn(k, b, width, generator=generator).to(x.device, x.dtype)  # (k, B, Dc + M * Ds)
+        log_w = torch.cat([
+            _set_log_weights(model, x.view(b, m, *x.shape[1:]), content_mean, content_logvar, style_mean,
+                             style_logvar, eps[done:done + chunk])
+            for done in range(0, k, chunk)
+        ])  # (k, B)
+        out.append((log_w.logsumexp(0) - math.log(k)).cpu())  # (B,)
+    return torch.cat(out)
+
+
+def _check_binary(images: torch.Tensor, name: str) -> None:
+    if not torch.all((images == 0) | (images == 1)):
+        raise ValueError(f"{name} needs binary images; binarize them first (metrics.binarize)")
+
+
+@torch.no_grad()
+def set_nll(model, images, sets, k: int = 1000, batch_size: int = 10, chunk: int = 100, seed: int = 0,
+            progress: bool = False) -> dict:
+    """Negative log-likelihood of sets of drawings of one character that share one content code, per drawing.
+
+    -log p(x_1..x_M) / M with p(x_1..x_M) = E_{p(c)} prod_i E_{p(s_i)} p(x_i | c, s_i): one content
+    code for the set, a style code per drawing (the multi-level model of Bouchacourt et al. 2018),
+    marginalised by importance sampling (Burda et al. 2016) with the grouped posterior as proposal:
+    for the content the product of the M single-drawing posteriors (`losses.product_of_gaussians`),
+    for each style its drawing's own posterior. A stochastic upper bound on the NLL that tightens as
+    k grows; for M = 1 it is `iwae_nll`.
+
+    The protocol of SCHA-VAE's likelihood on Omniglot (Giannone and Winther 2022; in their code,
+    `experiment/marginal.py` scores the sets that `dataset/omniglot_ns.py` and, for the
+    background/evaluation split, `dataset/base.py` build), and where it differs:
+      - sets of M = 5 drawings of one test character (their `context_size`), every character's
+        drawings cut into disjoint sets (`character_sets`): theirs in random order (omniglot_ns)
+        or in stored order (back-eval, whose 659 test characters are our evaluation set); here in
+        random order, and a random subset of the sets rather than all of them;
+      - binary images: omniglot_ns binarises once with numpy's binomial when the test set is
+        built (back-eval passes binarize=True, but its base class never applies it to test
+        sets); here `binarize`, a dynamic binarisation drawn once with a fixed seed;
+      - nats per drawing, -log p(X) / |X|: their models' per-element bound (the set's content KL
+        shared out over its M drawings) averaged over drawings and sets;
+      - k importance samples per set (1000 by default): their README says 1K importance samples,
+        but `marginal.py` sets S = 1 inside the function, so the number it prints is a one-sample
+        bound, an ELBO on log p(X) with the sampled KL; k = 1 here gives that one-sample bound.
+    images: (N, 1, S, S) binary; sets: (n_sets, M) row indices of drawings of one character each.
+    Noise from a CPU torch.Generator(seed), k draws per batch of `batch_size` sets; memory stays
+    at chunk * batch_size * M decoded images; the model runs in eval mode (restored afterwards).
+    Returns {"nll": nats per drawing, "k", "sets", "set_size"}.
+    """
+    images = _as_images(images)
+    _check_binary(images, "set_nll")
+    sets = _as_numpy(sets).astype(np.int64)
+    if sets.ndim != 2 or len(sets) == 0:
+        raise ValueError("sets must be a non-empty (n_sets, M) array of row indices")
+    was_training = model.training
+    model.eval()
+    try:
+        log_p = _set_log_likelihoods(model, images, sets, k, batch_size, chunk, torch.Generator().manual_seed(seed),
+                                     progress)
+    finally:
+        model.train(was_training)
+    return {"nll": -log_p.mean().item() / sets.shape[1], "k": k, "sets": len(sets), "set_size": sets.shape[1]}
+
+
+@torch.no_grad()
+def conditional_nll(model, images, pairs, k: int = 1000, batch_size: int = 10, chunk: int = 100, seed: int = 0,
+                    progress: bool = False) -> dict:
+    """Negative log-likelihood of a drawing given one other drawing of the same character, in nats.
+
+    -log p(x | x') = -[log p(x, x') - log p(x')], the one-shot conditional likelihood of few-shot
+    generative models (Edwards and Storkey 2017, "Towards a Neural Statistician"; Giannone and
+    Winther 2022). Both terms are importance-sampling estimates as in `set_nll`: p(x, x') with one
+    content code for the pair and the product of both drawings' content posteriors as proposal,
+    p(x') with x' alone (the IWAE estimate). The estimator is the difference of the two log
+    estimates, with independent noise: each is biased low by O(1 / k), so the difference is
+    consistent as k grows but, unlike either term, not a bound in either direction.
+    images: (N, 1, S, S) binary; pairs: (n, 2) row indices, pairs[i] = (x, x') of one character.
+    Noise from two children of `seed` (`child_seeds`), one per term.
+    Returns {"nll": mean of -log p(x | x') over pairs, "k", "pairs"}.
+    """
+    images = _as_images(images)
+    _check_binary(images, "conditional_nll")
+    pairs = _as_numpy(pairs).astype(np.int64)
+    if pairs.ndim != 2 or pairs.shape[1] != 2 or len(pairs) == 0:
+        raise ValueError("pairs must be a non-empty (n, 2) array of row indices")
+    joint_seed, single_seed = child_seeds(seed, 2)
+    was_training = model.training
+    model.eval()
+    try:
+        joint = _set_log_likelihoods(model, images, pairs, k, batch_size, chunk,
+                                     torch.Generator().manual_seed(joint_seed), progress)
+        given = _set_log_likelihoods(model, images, pairs[:, 1:], k, batch_size, chunk,
+                                     torch.Generator().manual_seed(single_seed), progress)
+    finally:
+        model.train(was_training)
+    return {"nll": -(joint - given).mean().item(), "k": k, "pairs": len(pairs)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Swap consistency: does the content code carry the character?
 
@@ -533,8 +869,54 @@ class CharacterClassifier(nn.Module):
         return self.character_ids[torch.cat(index)].cpu().numpy()
 
 
+def augment_drawings(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random changes of the kinds decoded drawings show, for training the swap judge.
+
+    Per image, in this order: a small affine change (rotation within 10 degrees, scale 0.9-1.1,
+    shear within 0.1, shift within 5% of the side; `F.affine_grid` / `F.grid_sample`, bilinear,
+    zeros outside), a stroke-width change (a blend, of random weight, towards a 3x3 max-pooling,
+    thicker, or, less often and at most half-way, towards a 3x3 min-pooling, thinner), a Gaussian
+    blur of standard deviation 0 to 1 pixel at 28 px (scaled with the side), and the ink scaled
+    to a grey level of 0.6 to 1. Every amount includes the identity, so real drawings stay in
+    the training distribution. images: (B, 1, S, S) in [0, 1]; the amounts are drawn on the
+    CPU from `generator`, so they do not depend on the device. Returns (B, 1, S, S) in [0, 1].
+    """
+    b, _, side, _ = images.shape
+    device = images.device
+
+    def uniform(low, high, *shape):
+        return (low + (high - low) * torch.rand(b, *shape, generator=generator)).to(device)
+
+    angle = uniform(-math.pi / 18, math.pi / 18)  # (B,) within 10 degrees
+    scale, shear = uniform(0.9, 1.1), uniform(-0.1, 0.1)  # (B,)
+    shift = uniform(-0.1, 0.1, 2)  # (B, 2) in grid units, where the side spans 2: 5% of it
+    cos, sin = angle.cos() / scale, angle.sin() / scale
+    theta = torch.stack([torch.stack([cos, -sin + shear * cos, shift[:, 0]], 1),
+                         torch.stack([sin, cos + shear * sin, shift[:, 1]], 1)], 1)  # (B, 2, 3) output -> input
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)  # (B, S, S, 2)
+    x = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B, 1, S, S)
+
+    width = uniform(-0.5, 1.0).view(b, 1, 1, 1)  # > 0 thicker, < 0 thinner
+    thicker = F.max_pool2d(x, 3, 1, 1)
+    thinner = -F.max_pool2d(-x, 3, 1, 1)
+    x = torch.where(width > 0, x + width * (thicker - x), x - width * (thinner - x))
+
+    sigma = uniform(0.0, 1.0).clamp_min(1e-3) * side / 28  # (B,) pixels
+    radius = max(1, math.ceil(2 * side / 28))
+    offsets = torch.arange(-radius, radius + 1, device=device, dtype=x.dtype)  # (k,)
+    kernel = torch.exp(-0.5 * (offsets / sigma[:, None]) ** 2)  # (B, k)
+    kernel = kernel / kernel.sum(1, keepdim=True)
+    x = x.view(1, b, side, side)  # one channel per image, so each gets its own kernel
+    x = F.conv2d(x, kernel.view(b, 1, 1, -1), padding=(0, radius), groups=b)  # along rows
+    x = F.conv2d(x, kernel.view(b, 1, -1, 1), padding=(radius, 0), groups=b)  # along columns
+    x = x.view(b, 1, side, side)
+
+    return (x * uniform(0.6, 1.0).view(b, 1, 1, 1)).clamp(0.0, 1.0)
+
+
 def train_classifier(images, labels, epochs: int = 10, seed: int = 0, device="cpu", progress: bool = False,
-                     batch_size: int = 256, lr: float = 1e-3, channels: int = 32) -> CharacterClassifier:
+                     batch_size: int = 256, lr: float = 1e-3, channels: int = 32,
+                     augment: bool = False) -> CharacterClassifier:
     """Train a CharacterClassifier on images with integer labels (raw ids or indices 0..C-1).
 
     The label space is the sorted unique `labels` (see CharacterClassifier); every image must
@@ -543,6 +925,10 @@ def train_classifier(images, labels, epochs: int = 10, seed: int = 0, device="cp
     Adam, cross-entropy, `epochs` passes in batches of 256 shuffled by a numpy generator;
     weights initialised under torch.manual_seed(seed) in a forked RNG state, so the global
     state is untouched and training is deterministic on the CPU. Returned in eval mode.
+    augment=True passes every batch through `augment_drawings` (noise from a CPU
+    torch.Generator(seed)), so the judge has seen the blur, stroke widths, small affine changes
+    and grey ink of decoded drawings and does not fail them for how they are rendered
+    (the generation issue's judge; it adds about a tenth to the training time).
     For `swap_consistency` train it on the training drawers of the background set and check
     it on the held-out drawers (`classifier_accuracy`). At 28 px, 10 epochs on drawers 1-18
     reach about 81% on drawers 19-20 (964-way); that takes seconds on a GPU but roughly
@@ -556,12 +942,16 @@ def train_classifier(images, labels, epochs: int = 10, seed: int = 0, device="cp
     targets = model.label_index(labels)  # (N,) indices 0..C-1
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
     model.train()
     for _ in tqdm(range(epochs), desc="classifier", disable=not progress):
         order = torch.from_numpy(rng.permutation(len(images)))
         for start in range(0, len(images), batch_size):
             batch = order[start:start + batch_size]
-            logits = model(images[batch].to(device))  # (b, C)
+            x = images[batch].to(device)  # (b, 1, S, S)
+            if augment:
+                x = augment_drawings(x, generator)
+            logits = model(x)  # (b, C)
             loss = F.cross_entropy(logits, targets[batch.to(targets.device)])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -640,3 +1030,124 @@ def swap_consistency(model, classifier: CharacterClassifier, images, character, 
         "real_accuracy": classifier_accuracy(classifier, images, character),
         "pairs": int(pairs),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Style effect: does the style code change the drawing as much as a hand does?
+
+
+def _ink_distance(images: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Mean pairwise Jaccard distance 1 - |A & B| / |A | B| between the ink masks of each row's images.
+
+    images: (C, S, P) grey levels in [0, 1] (C groups of S images of P pixels); ink is a grey level
+    of at least `threshold`. Two empty masks are at distance 0. Returns (C,): the mean over the
+    S (S - 1) / 2 pairs of each group (Jaccard 1912).
+    """
+    ink = np.asarray(images) >= threshold  # (C, S, P)
+    first, second = np.triu_indices(ink.shape[1], k=1)  # the pairs (i < j)
+    a, b = ink[:, first], ink[:, second]  # (C, pairs, P)
+    union = (a | b).sum(-1)
+    overlap = (a & b).sum(-1)
+    distance = np.where(union > 0, 1.0 - overlap / np.maximum(union, 1), 0.0)  # (C, pairs)
+    return distance.mean(1)
+
+
+def _style_effect(decoded, real) -> dict:
+    """How much drawings of one content differ across style codes, relative to real drawings across hands.
+
+    decoded: (C, S, ...) decodings of C contents, each with S style codes; real: (C, S, ...) real
+    drawings of the same C characters by S drawers. Each group's spread is `_ink_distance`, the
+    mean pairwise Jaccard distance of the ink masks; style_effect = mean over contents of the
+    decoded spread / mean over characters of the real spread: 0 when the decoder ignores the
+    style, about 1 when styles vary a drawing as much as hands vary a character.
+    Returns {"style_effect", "decoded_distance", "real_distance"}.
+    """
+    decoded, real = _as_numpy(decoded), _as_numpy(real)
+    decoded_distance = float(_ink_distance(decoded.reshape(*decoded.shape[:2], -1)).mean())
+    real_distance = float(_ink_distance(real.reshape(*real.shape[:2], -1)).mean())
+    if real_distance == 0:
+        raise ValueError("the real drawings of each character are identical: no spread to compare with")
+    return {"style_effect": decoded_distance / real_distance, "decoded_distance": decoded_distance,
+            "real_distance": real_distance}
+
+
+def style_effect_drawings(character, alphabet, drawer, styles: int = 5, seed=0):
+    """Which drawings `style_effect` uses: (content (C,), style (C, S), real (C, S)) row indices.
+
+    For every character drawn by at least S + 1 drawers: S + 1 of its drawers at random, one
+    drawing each; the first gives the content, the drawings of the other S are the real
+    reference (real[c, j] by drawer j). Style j comes from drawer j too, from a drawing of another
+    character: of the same alphabet when drawer j drew one, else of any alphabet, else any other
+    character's drawing. Deterministic for a seed (numpy default_rng).
+    """
+    character = _as_numpy(character).ravel()
+    alphabet = _as_numpy(alphabet).ravel()
+    drawer = _as_numpy(drawer).ravel()
+    rng = np.random.default_rng(seed)
+    by_hand = {h: np.flatnonzero(drawer == h) for h in np.unique(drawer)}  # every drawing of each drawer
+    content, style, real = [], [], []
+    for c in np.unique(character):
+        rows = np.flatnonzero(character == c)
+        hands = np.unique(drawer[rows])
+        if len(hands) <= styles:
+            continue
+        picked = rng.choice(hands, size=styles + 1, replace=False)  # (S + 1,) content hand first
+        drawings = [rng.choice(rows[drawer[rows] == h]) for h in picked]
+        content.append(drawings[0])
+        real.append(drawings[1:])
+        a = alphabet[rows[0]]
+        chosen = []
+        for h in picked[1:]:
+            hand = by_hand[h][character[by_hand[h]] != c]  # drawer h's drawings of other characters
+            for candidates in (hand[alphabet[hand] == a], hand, np.flatnonzero(character != c)):
+                if len(candidates):
+                    chosen.append(rng.choice(candidates))
+                    break
+        style.append(chosen)
+    if not content or len(np.unique(character)) < 2:
+        raise ValueError(f"the style effect needs characters drawn by {styles + 1} drawers, and two characters")
+    return np.array(content), np.array(style), np.array(real)
+
+
+@torch.no_grad()
+def style_effect(model, images, character, alphabet, drawer, styles: int = 5, seed: int = 0,
+                 batch_size: int = 1000, codes=None) -> dict:
+    """How much the style code changes a drawing, relative to how much hands change a real character.
+
+    The content/style swap grids of Mathieu et al. 2016 and Bouchacourt et al. 2018 read as a
+    number: for every test character, decode (content mean of one drawing, style mean of S
+    drawings of other characters, by S other drawers: `style_effect_drawings`) and compare the
+    spread of those S decodings with the spread of the same character's real drawings by the
+    same S drawers (`_style_effect`). The spread is the mean pairwise Jaccard distance between
+    ink masks (grey level >= 0.5), not a pixel distance: the decoder's blur would shrink pixel
+    distances and read as less style, while the masks compare where the strokes are (a decoder
+    too unsure to reach 0.5 anywhere draws empty masks, and scores 0).
+    0: the style code does nothing; about 1: styles vary a drawing as much as hands do; above
+    1: the decodings differ more than hands make a character differ (the style carries more
+    than the hand, e.g. the character; see `swap_consistency`). codes: the posterior means
+    (content (N, Dc), style (N, Ds)) of `images` when already computed; else they are encoded.
+    Returns {"style_effect", "decoded_distance", "real_distance", "characters", "styles"}.
+    """
+    images = _as_images(images)
+    content_rows, style_rows, real_rows = style_effect_drawings(character, alphabet, drawer, styles, seed)
+    if codes is None:
+        needed = np.unique(np.concatenate([content_rows, style_rows.ravel()]))  # only these are encoded
+        content, style = encode_images(model, images[torch.as_tensor(needed)])  # (n, Dc), (n, Ds)
+        content_code, style_code = np.searchsorted(needed, content_rows), np.searchsorted(needed, style_rows)
+    else:
+        content, style = (_as_numpy(part).astype(np.float32) for part in codes)  # (N, Dc), (N, Ds)
+        content_code, style_code = content_rows, style_rows
+    c = np.repeat(content[content_code], styles, axis=0)  # (C * S, Dc)
+    s = style[style_code.ravel()]  # (C * S, Ds)
+    was_training = model.training
+    model.eval()
+    try:
+        decoded = torch.cat([model.decode(torch.from_numpy(c[i:i + batch_size]),
+                                          torch.from_numpy(s[i:i + batch_size])).cpu()
+                             for i in range(0, len(c), batch_size)])  # (C * S, 1, H, W)
+    finally:
+        model.train(was_training)
+    real = images[torch.as_tensor(real_rows.reshape(-1))]  # (C * S, 1, H, W)
+    result = _style_effect(decoded.numpy().reshape(len(content_rows), styles, -1),
+                           real.numpy().reshape(len(content_rows), styles, -1))
+    return {**result, "characters": len(content_rows), "styles": styles}

@@ -26,6 +26,11 @@ SWAP = "Mathieu et al. 2016; Bouchacourt et al. 2018"
 IWAE = "Burda et al. 2016"
 PRIOR = "Gretton et al. 2012; Makhzani et al. 2016"
 KL = "Kingma and Welling 2014"
+HSU = "Hsu et al. 2019; Xie et al. 2016"
+PROTO = "Lake et al. 2015; Snell et al. 2017"
+DIGITS = "Alpaydin and Kaynak 1998; Snell et al. 2017"
+SET_NLL = "Bouchacourt et al. 2018; Giannone and Winther 2022; Burda et al. 2016"
+STYLE_EFFECT = "Mathieu et al. 2016; Bouchacourt et al. 2018; Jaccard 1912"
 
 
 @dataclass(frozen=True)
@@ -47,15 +52,29 @@ class Metric:
 
 
 def _few_shot(codes: str, ways: int, label: str, description: str, direction: str | None,
-              baselines: tuple[str, ...] = (), chart: bool = False) -> list[Metric]:
-    """The accuracy of `metrics.few_shot_accuracy` on one kind of code and its 95% half-width."""
-    key = f"{codes}_{ways}way_1shot"
-    where = (("codes", codes), ("ways", ways))
+              baselines: tuple[str, ...] = (), chart: bool = False, shots: int = 1) -> list[Metric]:
+    """The accuracy of `metrics.few_shot_accuracy` on one kind of code and its 95% half-width.
+
+    `shots` joins the `where` values only when it is not 1, so the one-shot records keep theirs."""
+    where = (("codes", codes), ("ways", ways)) + ((("shots", shots),) if shots != 1 else ())
+    return _accuracy_ci95(f"{codes}_{ways}way_{shots}shot", label, description, direction,
+                          "metrics.few_shot_accuracy", where, baselines, LAKE if shots == 1 else PROTO, chart)
+
+
+def _digits(codes: str, shots: int, label: str, description: str, baselines: tuple[str, ...] = ()) -> list[Metric]:
+    """`metrics.labelled_few_shot_accuracy` on the digits transfer set, one kind of code."""
+    key = "digits" + ("" if codes == "content" else f"_{codes}") + f"_10way_{shots}shot"
+    return _accuracy_ci95(key, label, description, HIGHER, "metrics.labelled_few_shot_accuracy",
+                          (("codes", codes), ("shots", shots)), baselines, DIGITS)
+
+
+def _accuracy_ci95(key: str, label: str, description: str, direction: str | None, function: str, where: tuple,
+                   baselines: tuple[str, ...], paper: str, chart: bool = False) -> list[Metric]:
+    """An episode accuracy and its 95% half-width."""
     return [
-        Metric(key, label, description, direction, "metrics.few_shot_accuracy", "accuracy", where, baselines,
-               paper=LAKE, chart=chart),
+        Metric(key, label, description, direction, function, "accuracy", where, baselines, paper=paper, chart=chart),
         Metric(f"{key}_ci95", f"{label} ±", f"95% half-width of `{key}` over its episodes, 1.96 sd / sqrt(episodes): "
-               "the noise of the episode draw, not of training.", None, "metrics.few_shot_accuracy", "ci95", where,
+               "the noise of the episode draw, not of training.", None, function, "ci95", where,
                ci95_of=key, paper=CI95),
     ]
 
@@ -106,8 +125,9 @@ def _prior(part: str) -> list[Metric]:
 _RECORDS: list[Metric] = [
     # What the numbers were computed on.
     Metric("protocol_version", "protocol", "Version of the evaluation protocol (2: Lake et al. episodes with 95% "
-           "intervals, leakage references, prior match on sampled codes, one random stream per use); "
-           "`omnivae compare` warns when runs differ.", None, "evaluate.evaluate"),
+           "intervals, leakage references, prior match on sampled codes, one random stream per use; 3: a swap "
+           "judge trained with augmentations, per-alphabet clustering, 5-shot, digits transfer, set likelihood, "
+           "style effect); `omnivae compare` warns when runs differ.", None, "evaluate.evaluate"),
     Metric("split", "split", "The images scored: `evaluation` (20 unseen alphabets: the numbers to report) or "
            "`validation` (background alphabets a val_holdout run never trained on: for every choice).",
            None, "evaluate.evaluate"),
@@ -127,6 +147,13 @@ _RECORDS: list[Metric] = [
     *_kmeans("style", "style ", "style means", " Lower: less character in the style code.", LOWER,
              beside_pixels=True),
     *_kmeans("pixel", "pixel ", "raw pixels", " The baseline.", HIGHER),
+    Metric("content_alphabet_kmeans_accuracy", "alphabet k-means acc", "k-means within each alphabet on content "
+           "means, K = the alphabet's number of characters, clusters matched one-to-one to characters (Hungarian); "
+           "the accuracy averaged over alphabets.", HIGHER, "metrics.alphabet_kmeans_scores", "accuracy",
+           (("codes", "content"),), ("pixel_alphabet_kmeans_accuracy",), paper=HSU),
+    Metric("pixel_alphabet_kmeans_accuracy", "pixel alphabet k-means acc", "The per-alphabet k-means on raw "
+           "pixels: the baseline.", HIGHER, "metrics.alphabet_kmeans_scores", "accuracy", (("codes", "pixel"),),
+           paper=HSU),
     # Structure: Lake et al. one-shot episodes.
     *_few_shot("content", 20, "20-way 1-shot", "Lake et al. episodes: 20 characters of one alphabet drawn by a "
                "support drawer and by a query drawer; each query takes the character of its nearest support "
@@ -134,6 +161,10 @@ _RECORDS: list[Metric] = [
                chart=True),
     *_few_shot("content", 5, "5-way 1-shot", "The same episodes with 5 characters; chance 0.2.", HIGHER,
                ("pixel_5way_1shot",)),
+    *_few_shot("content", 20, "20-way 5-shot", "Episodes of 20 characters of one alphabet with 5 support drawers "
+               "(each drew every character once for it) and a sixth drawer's queries; each query takes the "
+               "character of the nearest prototype, the mean of its 5 unit content means (cosine); chance 0.05.",
+               HIGHER, ("pixel_20way_5shot",), shots=5),
     *_few_shot("style", 20, "style leakage", "Style leakage: the 20-way episodes on style means; a code of the "
                "hand alone scores chance (0.05), since an episode's supports share one drawer.", LOWER,
                ("drawer_code_20way_1shot", "random_code_20way_1shot"), chart=True),
@@ -143,10 +174,22 @@ _RECORDS: list[Metric] = [
                "the style code's size (chance).", None),
     *_few_shot("pixel", 20, "pixel 20-way 1-shot", "The 20-way episodes on raw pixels: the baseline.", HIGHER),
     *_few_shot("pixel", 5, "pixel 5-way 1-shot", "The 5-way episodes on raw pixels: the baseline.", HIGHER),
+    *_few_shot("pixel", 20, "pixel 20-way 5-shot", "The 20-way 5-shot episodes on raw pixels: the baseline.",
+               HIGHER, shots=5),
+    # Transfer to a handwriting set the model never saw: scikit-learn's 8x8 digits, upsampled.
+    *_digits("content", 1, "digits 1-shot", "Transfer: 10-way 1-shot episodes on scikit-learn's handwritten digits "
+             "(1,797, upsampled with a margin like Omniglot's), random drawings (no drawer labels); nearest "
+             "support by cosine of content means; chance 0.1.", ("digits_pixel_10way_1shot",)),
+    *_digits("content", 5, "digits 5-shot", "Transfer: the digits with 5 supports per class; nearest prototype "
+             "(mean unit content mean, cosine); chance 0.1.", ("digits_pixel_10way_5shot",)),
+    *_digits("pixel", 1, "digits pixel 1-shot", "The digits 1-shot episodes on raw pixels: the baseline."),
+    *_digits("pixel", 5, "digits pixel 5-shot", "The digits 5-shot episodes on raw pixels: the baseline."),
     # Disentanglement: swaps judged by a character classifier.
     Metric("swap_consistency", "swap", "Decode (content of A, style of B) for pairs of different characters "
-           "(held-out drawers of the training characters): how often an independent classifier names A's "
-           "character.", HIGHER, "metrics.swap_consistency", "swap_consistency", paper=SWAP, chart=True),
+           "(held-out drawers of the training characters): how often an independent classifier, trained with "
+           "augmentations like a decoder's (blur, stroke width, small affine changes, grey ink), names A's "
+           "character.", HIGHER, "metrics.swap_consistency", "swap_consistency",
+           baselines=("recon_consistency", "classifier_accuracy"), paper=SWAP, chart=True),
     Metric("style_character_rate", "swap names B", "The same swaps: how often the classifier names B's character "
            "(character in the style code).", LOWER, "metrics.swap_consistency", "style_character_rate", paper=SWAP),
     Metric("recon_consistency", "swap ceiling", "The classifier on decode(content A, style A): the ceiling a swap "
@@ -154,6 +197,10 @@ _RECORDS: list[Metric] = [
            paper=SWAP),
     Metric("classifier_accuracy", "judge accuracy", "The classifier that judges the swaps, on real held-out "
            "drawings: its own ceiling.", None, "metrics.swap_consistency", "real_accuracy", paper=SWAP),
+    Metric("style_effect", "style effect", "How much decodings of one content differ across the style codes of 5 "
+           "other drawers (drawings of other characters), over how much real drawings of the character by those "
+           "drawers differ: mean pairwise Jaccard distance of ink masks. 0: the style code does nothing; about 1: "
+           "as much as hands.", None, "metrics.style_effect", "style_effect", paper=STYLE_EFFECT),
     # Likelihood.
     Metric("nll_iwae", "NLL (nats)", "Negative log-likelihood per dynamically binarised test image, k-sample "
            "importance-weighted bound with the encoder as proposal, in nats.", LOWER, "metrics.iwae_nll", "nll",
@@ -162,6 +209,18 @@ _RECORDS: list[Metric] = [
            "`nll_iwae`.", LOWER, "metrics.iwae_nll", "elbo_nll", paper=IWAE),
     Metric("nll_k", "NLL samples", "Importance samples per image behind `nll_iwae`.", None, "metrics.iwae_nll", "k"),
     Metric("nll_images", "NLL images", "Test images behind `nll_iwae` (a fixed subset).", None, "evaluate.evaluate"),
+    Metric("set_nll_5", "set NLL (nats)", "Negative log-likelihood of 5 binarised drawings of one test character "
+           "sharing one content code (a style code each), per drawing, in nats: importance sampling with the "
+           "product of the 5 content posteriors as proposal.", LOWER, "metrics.set_nll", "nll",
+           baselines=("nll_iwae",), paper=SET_NLL),
+    Metric("conditional_nll_1shot", "1-shot NLL (nats)", "-log p(x | x') for x, x' two drawings of one test "
+           "character, in nats: log p(x, x') - log p(x'), each by importance sampling (the pair with one content "
+           "code); below `nll_iwae` when one drawing helps to predict another.", LOWER, "metrics.conditional_nll",
+           "nll", baselines=("nll_iwae",), paper=SET_NLL),
+    Metric("set_nll_k", "set NLL samples", "Importance samples per set behind `set_nll_5` and "
+           "`conditional_nll_1shot`.", None, "metrics.set_nll", "k"),
+    Metric("set_nll_sets", "set NLL sets", "Sets of 5 drawings behind `set_nll_5`; `conditional_nll_1shot` "
+           "uses the first two drawings of each.", None, "metrics.set_nll", "sets"),
     # Prior match of the aggregate posterior.
     *_prior("content"),
     *_prior("style"),

@@ -549,3 +549,16 @@ def test_real_evaluation_set(tmp_path):
     assert set(d.drawer.tolist()) == set(range(1, 21))
     assert (d.character.min(), d.character.max()) == (965, 1623)
     assert 0.03 < d.images.mean() / 255 < 0.2  # mostly background, after inversion
+
+
+def test_load_digits_looks_like_omniglot():
+    images, labels = data.load_digits(28)
+    assert images.shape == (1797, 28, 28) and images.dtype == np.uint8
+    assert np.array_equal(np.unique(labels), np.arange(10)) and np.bincount(labels).min() >= 170
+    # Ink = 255 on a blank background, with a 5-pixel margin on every side like Omniglot's glyphs.
+    assert images[:, :5].max() == images[:, -5:].max() == images[:, :, :5].max() == images[:, :, -5:].max() == 0
+    ink = images > 127
+    assert 0.05 < ink.mean() < 0.25  # strokes, not a filled square or an empty page
+    assert images.max() == 255
+    big, _ = data.load_digits(64)
+    assert big.shape == (1797, 64, 64) and big[:, :11].max() == 0

@@ -15,3 +15,57 @@ def test_subset_takes_whole_alphabets_until_enough_images():
     assert whole_alphabets(data, 1, seed=3).alphabet[0] == whole_alphabets(data, 1, seed=3).alphabet[0]
     firsts = {int(whole_alphabets(data, 1, seed=s).alphabet[0]) for s in range(20)}
     assert len(firsts) > 1  # the seed decides which alphabets
+
+
+def _tiny_model():
+    import torch
+
+    from omnivae.model import ModelConfig, StructuredVAE
+
+    torch.manual_seed(0)
+    return StructuredVAE(ModelConfig(channels=4, hidden=16, content_dim=4, style_dim=2)).eval()
+
+
+def test_set_likelihoods_and_their_absence():
+    from omnivae.evaluate import set_likelihoods
+    from omnivae.registry import METRICS
+
+    data = synthetic_omniglot(characters=6, drawers=10)  # 2 sets of 5 per character
+    images = data.tensors()
+    results = set_likelihoods(_tiny_model(), images, data.character, k=8, sets=5, seed=0, progress=False)
+    assert set(results) == {"set_nll_5", "conditional_nll_1shot", "set_nll_k", "set_nll_sets"} <= set(METRICS)
+    assert results["set_nll_k"] == 8 and results["set_nll_sets"] == 5
+    assert 0 < results["set_nll_5"] < 1000 and 0 < results["conditional_nll_1shot"] < 1000
+    assert set_likelihoods(_tiny_model(), images, data.character, 8, 5, 0, False) == results  # seeded
+    # No character with 5 drawings: the keys are there, with no value.
+    few = synthetic_omniglot(characters=6, drawers=4)
+    empty = set_likelihoods(_tiny_model(), few.tensors(), few.character, 8, 5, 0, False)
+    assert set(empty) == set(results) and all(v is None for v in empty.values())
+
+
+def test_style_effect_and_transfer_metrics_on_a_tiny_model():
+    from omnivae.evaluate import style_effect_metrics, transfer_metrics
+    from omnivae.registry import METRICS
+
+    data = synthetic_omniglot(characters=6, drawers=4)  # 4 drawers: 3 styles per content
+    result = style_effect_metrics(_tiny_model(), data, data.tensors(), seed=0)
+    assert set(result) == {"style_effect"} and result["style_effect"] >= 0
+    two = synthetic_omniglot(characters=6, drawers=2)  # one style per content: no spread to measure
+    assert style_effect_metrics(_tiny_model(), two, two.tensors(), seed=0) == {"style_effect": None}
+    digits = transfer_metrics(_tiny_model(), 28, seed=0, episodes=20)
+    assert set(digits) <= set(METRICS) and len(digits) == 8
+    for key in ("digits_10way_1shot", "digits_10way_5shot", "digits_pixel_10way_1shot", "digits_pixel_10way_5shot"):
+        assert 0.0 <= digits[key] <= 1.0
+    assert digits["digits_pixel_10way_5shot"] > 0.5  # raw digits are easy to tell apart
+
+
+def test_five_shot_is_none_without_six_drawers():
+    from omnivae.evaluate import _multi_shot
+
+    data = synthetic_omniglot(characters=20, drawers=5, alphabets=1)
+    codes = data.images.reshape(len(data), -1).astype(float)
+    assert _multi_shot("pixel", codes, data, 20, 5, 10, seed=0) == {"pixel_20way_5shot": None,
+                                                                     "pixel_20way_5shot_ci95": None}
+    data = synthetic_omniglot(characters=20, drawers=6, alphabets=1)
+    codes = np.eye(21)[data.character]  # codes that name the character
+    assert _multi_shot("content", codes, data, 20, 5, 10, seed=0)["content_20way_5shot"] == 1.0

@@ -58,6 +58,25 @@ def test_kmeans_scores_collapsed_codes():
     assert scores["nmi"] == pytest.approx(0.0, abs=1e-9)
 
 
+@pytest.mark.filterwarnings("ignore:Number of distinct clusters")  # k-means of one repeated point into 5
+def test_alphabet_kmeans_scores_average_over_alphabets():
+    # Alphabet 0: 3 characters as separated blobs (accuracy 1); alphabet 1: 5 characters with one
+    # constant code (one cluster takes everything: accuracy 1/5). Each alphabet weighs the same,
+    # although alphabet 1 has three times the points.
+    rng = np.random.default_rng(0)
+    blobs = np.repeat(np.eye(3) * 10, 10, axis=0) + 0.1 * rng.normal(size=(30, 3))  # (30, 3)
+    codes = np.concatenate([blobs, np.ones((90, 3))])  # (120, 3)
+    character = np.concatenate([np.repeat([1, 2, 3], 10), np.repeat([4, 5, 6, 7, 8], 18)])
+    alphabet = np.repeat([0, 1], [30, 90])
+    scores = metrics.alphabet_kmeans_scores(codes, character, alphabet, seed=0)
+    assert scores["alphabets"] == 2
+    assert scores["accuracy"] == pytest.approx((1.0 + 0.2) / 2)
+    assert scores["nmi"] == pytest.approx(0.5)
+    # K is each alphabet's character count: separated alphabets are each perfect.
+    perfect = metrics.alphabet_kmeans_scores(blobs, character[:30], np.repeat([0, 1], [10, 20]), seed=0)
+    assert perfect["accuracy"] == 1.0
+
+
 # ---- few-shot --------------------------------------------------------------------------------
 
 
@@ -182,6 +201,115 @@ def test_few_shot_accuracy_hand_computed():
     # Cosine, not Euclidean: a long vector along support 0's direction still picks support 0.
     codes = np.array([[1.0, 0.0], [0.0, 1.0], [100.0, 1.0], [0.0, 5.0]])
     assert metrics._few_shot_correct(codes, np.array([[0, 1]]), np.array([[2, 3]])).tolist() == [[True, True]]
+
+
+def test_one_shot_episodes_keep_their_draws():
+    # The one-shot episodes and scores are frozen: these are the numbers of the version 2 protocol.
+    character, alphabet, drawer = _labels()
+    support, query = metrics.few_shot_episodes(character, alphabet, drawer, ways=5, episodes=50, seed=3)
+    assert support[:2].tolist() == [[234, 354, 336, 222, 228], [142, 82, 136, 94, 154]]
+    assert query[:2].tolist() == [[237, 357, 339, 225, 231], [141, 81, 135, 93, 153]]
+    weights = np.arange(1, 251).reshape(50, 5)
+    assert int((support * weights).sum()) == 3739559 and int((query * weights).sum()) == 3756509
+    codes = np.random.default_rng(0).normal(size=(len(character), 4))
+    score = metrics.few_shot_accuracy(codes, character, alphabet, drawer, ways=5, episodes=200, seed=1)
+    assert score["accuracy"] == 0.193 and score["ci95"] == pytest.approx(0.024757582626085226, rel=1e-12)
+
+
+def test_multi_shot_episodes_follow_the_protocol():
+    # K support drawers, each drawing every character once, and a query drawer who is none of them.
+    character, alphabet, drawer = _labels(drawers=8)
+    support, query = metrics.multi_shot_episodes(character, alphabet, drawer, ways=20, shots=5, episodes=200, seed=1)
+    assert support.shape == (200, 20, 5) and query.shape == (200, 20)
+    assert np.all(character[support] == character[query][:, :, None])
+    for e in range(200):
+        assert len(np.unique(character[query[e]])) == 20
+        assert len(np.unique(alphabet[support[e]])) == 1 and alphabet[support[e, 0, 0]] == alphabet[query[e, 0]]
+        hands = drawer[support[e]]  # (20, 5)
+        assert np.all(hands == hands[0]) and len(np.unique(hands[0])) == 5  # the same 5 drawers for every character
+        assert len(np.unique(drawer[query[e]])) == 1 and drawer[query[e, 0]] not in hands[0]
+    assert set(np.unique(alphabet[support])) == {1, 2}  # alphabet 0 has only 8 characters
+    assert len(set(drawer[query[:, 0]])) == 8  # every drawer asks queries
+    again = metrics.multi_shot_episodes(character, alphabet, drawer, ways=20, shots=5, episodes=200, seed=1)
+    assert np.array_equal(again[0], support) and np.array_equal(again[1], query)
+    assert not np.array_equal(metrics.multi_shot_episodes(character, alphabet, drawer, 20, 5, 200, seed=2)[0], support)
+
+
+def test_multi_shot_episodes_need_enough_drawers_sharing_characters():
+    # 5 drawers cannot give 5 supports and a query; with 6, drawer 6 drew only characters 1-10,
+    # so every episode's 6 drawers are drawers 1-6 with 10 characters, or fail at 20 ways.
+    character, alphabet, drawer = _labels(alphabets=(25,), drawers=5)
+    with pytest.raises(ValueError, match="5-shot"):
+        metrics.multi_shot_episodes(character, alphabet, drawer, ways=5, shots=5, episodes=3)
+    character, alphabet, drawer = _labels(alphabets=(25,), drawers=6)
+    keep = (drawer != 6) | (character <= 10)
+    character, alphabet, drawer = character[keep], alphabet[keep], drawer[keep]
+    with pytest.raises(ValueError, match="20-way 5-shot"):
+        metrics.multi_shot_episodes(character, alphabet, drawer, ways=20, shots=5, episodes=3)
+    support, query = metrics.multi_shot_episodes(character, alphabet, drawer, ways=10, shots=5, episodes=50, seed=0)
+    assert np.all(character[query] <= 10)
+    # Several drawings of one (character, drawer) cell: any of them, at random.
+    character, alphabet, drawer = (np.concatenate([x, x]) for x in _labels(alphabets=(6,), drawers=6))
+    support, query = metrics.multi_shot_episodes(character, alphabet, drawer, ways=6, shots=5, episodes=100, seed=0)
+    assert len(np.unique(support)) > 36  # more drawings than (character, drawer) cells: both copies turn up
+
+
+def test_prototypes_are_the_mean_unit_support():
+    # Query 0 (at 40 degrees) is nearest to a single support of class B (45 degrees), but to the
+    # prototype of class A (0 and 60 degrees: 30 degrees); class B's prototype (45 and 180
+    # degrees: about 112 degrees) is nearest to query 1 (150 degrees). Supports are normalised
+    # before they are averaged: a long support does not pull its prototype.
+    def at(degrees, length=1.0):
+        return length * np.array([np.cos(np.radians(degrees)), np.sin(np.radians(degrees))])
+
+    codes = np.stack([at(0), at(60, 50.0), at(45), at(180), at(40), at(150)])
+    support = np.array([[[0, 1], [2, 3]]])  # (1 episode, 2 classes, 2 shots)
+    query = np.array([[4, 5]])
+    assert metrics._few_shot_correct(codes, support, query).tolist() == [[True, True]]
+    assert metrics._few_shot_correct(codes, support[:, :, [1, 0]], query).tolist() == [[True, True]]
+    assert metrics._few_shot_correct(codes, np.array([[0, 2]]), query).tolist() == [[False, True]]  # one shot
+    # One shot in a (E, W, 1) array scores as the (E, W) one.
+    rng = np.random.default_rng(0)
+    codes = rng.normal(size=(60, 5))
+    support, query = rng.permutation(60)[:40].reshape(4, 10), rng.permutation(60)[:40].reshape(4, 10)
+    assert np.array_equal(metrics._few_shot_correct(codes, support[:, :, None], query, seed=2),
+                          metrics._few_shot_correct(codes, support, query, seed=2))
+
+
+def test_five_shot_accuracy_perfect_constant_and_better_than_one_shot():
+    character, alphabet, drawer = _labels(drawers=8)
+    rng = np.random.default_rng(0)
+    perfect = np.eye(character.max() + 1)[character] + 1e-3 * rng.normal(size=(len(character), character.max() + 1))
+    score = metrics.few_shot_accuracy(perfect, character, alphabet, drawer, ways=20, episodes=100, seed=0, shots=5)
+    assert score == {"accuracy": 1.0, "ci95": 0.0, "episodes": 100}
+    constant = np.ones((len(character), 4))
+    score = metrics.few_shot_accuracy(constant, character, alphabet, drawer, ways=20, episodes=1000, seed=0, shots=5)
+    assert score["accuracy"] == pytest.approx(1 / 20, abs=0.01)
+    # Noisy codes: averaging five supports cancels part of the noise.
+    noisy = np.eye(character.max() + 1)[character] + 0.5 * rng.normal(size=(len(character), character.max() + 1))
+    one = metrics.few_shot_accuracy(noisy, character, alphabet, drawer, ways=20, episodes=300, seed=0)
+    five = metrics.few_shot_accuracy(noisy, character, alphabet, drawer, ways=20, episodes=300, seed=0, shots=5)
+    assert five["accuracy"] > one["accuracy"] + 5 * (one["ci95"] + five["ci95"])
+
+
+def test_labelled_episodes_and_accuracy():
+    labels = np.repeat(np.arange(12), 7)  # 12 classes of 7 images
+    labels[:3] = 99  # classes 99 (3 images) and 0 (4): too few for 5 shots and a query
+    support, query = metrics.labelled_episodes(labels, ways=10, shots=5, episodes=100, seed=0)
+    assert support.shape == (100, 10, 5) and query.shape == (100, 10)
+    assert np.all(labels[support] == labels[query][:, :, None])
+    for e in range(100):
+        assert len(np.unique(labels[query[e]])) == 10
+        assert len(np.unique(np.concatenate([support[e].ravel(), query[e]]))) == 60  # no image twice
+    assert not np.isin(labels[query], [0, 99]).any()
+    with pytest.raises(ValueError, match="12-way"):
+        metrics.labelled_episodes(labels, ways=12, shots=5, episodes=1)
+    perfect = np.eye(100)[labels]
+    for shots in (1, 5):
+        score = metrics.labelled_few_shot_accuracy(perfect, labels, ways=10, shots=shots, episodes=50, seed=0)
+        assert score == {"accuracy": 1.0, "ci95": 0.0, "episodes": 50}
+    score = metrics.labelled_few_shot_accuracy(np.ones((len(labels), 3)), labels, 10, 1, 2000, seed=0)
+    assert score["accuracy"] == pytest.approx(0.1, abs=0.01)
 
 
 def test_mean_ci95_known_values():
@@ -442,6 +570,109 @@ def test_binarize():
     assert torch.equal(metrics.binarize(torch.zeros(2, 1, 3, 3)), torch.zeros(2, 1, 3, 3))
 
 
+def test_character_sets_split_each_character_into_disjoint_sets():
+    character = np.repeat([3, 5, 9], [20, 12, 4])  # 4 + 2 + 0 sets of 5
+    sets = metrics.character_sets(character, size=5, seed=0)
+    assert sets.shape == (6, 5)
+    assert len(np.unique(sets)) == 30  # disjoint
+    assert all(len(np.unique(character[s])) == 1 for s in sets)
+    assert sorted(character[sets[:, 0]].tolist()) == [3, 3, 3, 3, 5, 5]
+    assert np.array_equal(metrics.character_sets(character, 5, seed=0), sets)
+    assert not np.array_equal(metrics.character_sets(character, 5, seed=1), sets)
+
+
+def test_set_log_weights_formula():
+    # log w = sum_i log p(x_i | c, s_i) + log N(c; 0, I) - log N(c; mean_c, sigma_c^2)
+    #         + sum_i [log N(s_i; 0, I) - log N(s_i; mean_i, sigma_i^2)], with one c per set.
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 3, generator=generator)  # (S * S, Dc + Ds), S = 4
+
+    class Linear(nn.Module):
+        content_dim, style_dim = 1, 2
+
+        def decode_logits(self, content, style):
+            return (torch.cat([content, style], 1) @ weight.T).view(-1, 1, 4, 4)
+
+    b, m, k = 2, 3, 5
+    x = metrics.binarize(torch.rand(b, m, 1, 4, 4), seed=1)  # (B, M, 1, S, S)
+    content_mean, content_logvar = torch.randn(b, 1, generator=generator), 0.3 * torch.randn(b, 1, generator=generator)
+    style_mean, style_logvar = torch.randn(b, m, 2, generator=generator), 0.3 * torch.randn(b, m, 2, generator=generator)
+    eps = torch.randn(k, b, 1 + m * 2, generator=generator)  # (K, B, Dc + M * Ds)
+    c = content_mean + (0.5 * content_logvar).exp() * eps[..., :1]  # (K, B, Dc)
+    s = style_mean + (0.5 * style_logvar).exp() * eps[..., 1:].view(k, b, m, 2)  # (K, B, M, Ds)
+    z = torch.cat([c[:, :, None].expand(k, b, m, 1), s], -1)  # (K, B, M, D)
+    normal = torch.distributions.Normal
+    expected = (torch.distributions.Bernoulli(logits=(z @ weight.T).view(k, b, m, 1, 4, 4)).log_prob(x).flatten(3).sum((2, 3))
+                + normal(0.0, 1.0).log_prob(c).sum(-1) - normal(content_mean, (0.5 * content_logvar).exp()).log_prob(c).sum(-1)
+                + (normal(0.0, 1.0).log_prob(s) - normal(style_mean, (0.5 * style_logvar).exp()).log_prob(s)).sum((-2, -1)))
+    got = metrics._set_log_weights(Linear(), x, content_mean, content_logvar, style_mean, style_logvar, eps)
+    assert got.shape == (k, b) and torch.allclose(got, expected.double(), atol=1e-4)
+
+
+class SetPriorDecoder(ConstantDecoder):
+    """ConstantDecoder whose grouped posterior is the prior: each drawing's content posterior is
+    N(0, M I), so the product of M of them is N(0, I), and each style posterior is N(0, I)."""
+
+    def __init__(self, logits, set_size):
+        super().__init__(logits)
+        self.set_size = set_size
+
+    def posterior(self, x):
+        b = len(x)
+        content = torch.zeros(b, self.content_dim)
+        style = torch.zeros(b, self.style_dim)
+        return Posterior(content, content + math.log(self.set_size), style, style)
+
+
+def test_set_nll_of_a_decoder_that_ignores_the_codes():
+    # p(x_1..x_5) = prod_i p(x_i) exactly when the decoder ignores z; when the grouped posterior is
+    # the prior every weight is exact.
+    torch.manual_seed(0)
+    logits = torch.randn(1, 6, 6)
+    images = metrics.binarize(torch.rand(20, 1, 6, 6), seed=0)
+    sets = np.arange(20).reshape(4, 5)
+    exact = _exact_nll(logits, images)  # nats per drawing
+    result = metrics.set_nll(SetPriorDecoder(logits, 5), images, sets, k=20, batch_size=3, chunk=7)
+    assert result == {"nll": pytest.approx(exact, abs=1e-4), "k": 20, "sets": 4, "set_size": 5}
+    # With a learned posterior the content proposal is the product of 5 posteriors, far narrower
+    # than the true posterior (the prior, here), so the weights have a heavy tail: the estimate is
+    # an upper bound on the NLL that approaches it slowly as k grows.
+    few = metrics.set_nll(ConstantDecoder(logits), images, sets, k=10, batch_size=4, seed=0)["nll"]
+    many = metrics.set_nll(ConstantDecoder(logits), images, sets, k=4000, batch_size=4, chunk=1000, seed=0)["nll"]
+    assert exact < many < few and many == pytest.approx(exact, abs=0.1)
+    with pytest.raises(ValueError, match="binar"):
+        metrics.set_nll(ConstantDecoder(logits), torch.full((5, 1, 6, 6), 0.5), sets[:1], k=2)
+
+
+def test_set_nll_of_one_drawing_is_the_iwae_bound():
+    torch.manual_seed(0)
+    model = StructuredVAE(ModelConfig(channels=4, hidden=16, content_dim=4, style_dim=2))
+    images = metrics.binarize(torch.rand(6, 1, 28, 28) * 0.3, seed=1)
+    single = metrics.set_nll(model, images, np.arange(6)[:, None], k=64, batch_size=3, chunk=20, seed=5)
+    iwae = metrics.iwae_nll(model, images, k=64, batch_size=3, chunk=20, seed=5)
+    assert single["nll"] == pytest.approx(iwae["nll"], abs=1e-3)  # the same noise, the same estimate
+    assert model.training  # mode restored
+
+
+def test_conditional_nll():
+    # A decoder that ignores the codes: x and x' are independent, p(x | x') = p(x).
+    torch.manual_seed(0)
+    logits = torch.randn(1, 6, 6)
+    images = metrics.binarize(torch.rand(10, 1, 6, 6), seed=0)
+    pairs = np.arange(10).reshape(5, 2)
+    exact = _exact_nll(logits, images[pairs[:, 0]])
+    result = metrics.conditional_nll(ConstantDecoder(logits), images, pairs, k=4000, batch_size=5, chunk=1000)
+    assert result["nll"] == pytest.approx(exact, abs=0.1) and result["k"] == 4000 and result["pairs"] == 5
+    # Its two terms: the pair's set likelihood and the conditioning drawing's own.
+    model = StructuredVAE(ModelConfig(channels=4, hidden=16, content_dim=4, style_dim=2)).eval()
+    images = metrics.binarize(torch.rand(6, 1, 28, 28) * 0.3, seed=1)
+    pairs = np.array([[0, 1], [2, 3], [5, 4]])
+    joint_seed, single_seed = metrics.child_seeds(7, 2)
+    joint = metrics.set_nll(model, images, pairs, k=50, seed=joint_seed)["nll"] * 2
+    given = metrics.set_nll(model, images, pairs[:, 1:], k=50, seed=single_seed)["nll"]
+    assert metrics.conditional_nll(model, images, pairs, k=50, seed=7)["nll"] == pytest.approx(joint - given, abs=1e-3)
+
+
 # ---- swap consistency --------------------------------------------------------------------------
 
 
@@ -484,6 +715,36 @@ def test_train_classifier_learns_four_shapes():
     assert classifier.label_index([12, 99]).tolist() == [1, -1]
     # Any image side through the adaptive pooling.
     assert classifier(torch.zeros(2, 1, 105, 105)).shape == (2, 4)
+
+
+def test_augment_drawings():
+    images, _ = _four_shapes(n_per_class=4)
+    images = (images > 0.5).float()  # (16, 1, 28, 28) clean shapes
+    out = metrics.augment_drawings(images, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and out.min() >= 0.0 and out.max() <= 1.0
+    assert torch.equal(out, metrics.augment_drawings(images, torch.Generator().manual_seed(0)))
+    assert not torch.equal(out, metrics.augment_drawings(images, torch.Generator().manual_seed(1)))
+    assert not torch.allclose(out, images, atol=0.05)
+    # Small changes: the ink stays where it was (centroid within 3 px), within a factor of 2 in amount,
+    # and the maximum grey level is at least 0.6 * (blurred) ink.
+    grid = torch.arange(28.0)
+
+    def centroid(x):
+        mass = x.sum((1, 2, 3))
+        return torch.stack([(x.sum(3)[:, 0] * grid).sum(1) / mass, (x.sum(2)[:, 0] * grid).sum(1) / mass], 1)
+
+    assert (centroid(out) - centroid(images)).norm(dim=1).max() < 3.0
+    ratio = out.sum((1, 2, 3)) / images.sum((1, 2, 3))
+    assert ratio.min() > 0.4 and ratio.max() < 2.0
+    assert out.amax((1, 2, 3)).min() > 0.3
+
+
+def test_train_classifier_with_augmentations_still_learns():
+    images, labels = _four_shapes()
+    classifier = metrics.train_classifier(images, labels, epochs=4, seed=0, batch_size=32, channels=16, augment=True)
+    assert metrics.classifier_accuracy(classifier, *_four_shapes(seed=1)) == 1.0
+    again = metrics.train_classifier(images, labels, epochs=4, seed=0, batch_size=32, channels=16, augment=True)
+    assert all(torch.equal(p, q) for p, q in zip(classifier.parameters(), again.parameters()))
 
 
 def test_swap_consistency_pipeline():
@@ -562,6 +823,82 @@ def test_classifier_on_indices_reloads_from_a_class_count():
     assert set(np.unique(trained.predict(images))) <= {0, 1, 2, 3}
 
 
+# ---- style effect ------------------------------------------------------------------------------
+
+
+def test_ink_distance_and_style_effect_known_answers():
+    a, b, c = np.zeros(4), np.zeros(4), np.zeros(4)
+    a[[0, 1]], b[[1, 2]], c[[0, 1]] = 0.9, 0.6, 1.0  # masks {0, 1}, {1, 2}, {0, 1}
+    # Pairs (a, b): 1 - 1/3; (a, c): 0; (b, c): 1 - 1/3. Grey levels below 0.5 are not ink.
+    assert metrics._ink_distance(np.stack([a, b, c])[None]) == pytest.approx([4 / 9])
+    assert metrics._ink_distance(np.stack([a, 0.4 * b])[None]) == pytest.approx([1.0])
+    assert metrics._ink_distance(np.zeros((1, 2, 4))) == pytest.approx([0.0])  # two empty masks
+    real = np.stack([np.stack([a, b, c]), np.stack([a, c, c])])  # (2 characters, 3 drawers, 4 pixels)
+    result = metrics._style_effect(np.stack([np.stack([a, a, a])] * 2), real)  # the style changes nothing
+    assert result["style_effect"] == 0.0 and result["real_distance"] == pytest.approx((4 / 9 + 0) / 2)
+    assert metrics._style_effect(real, real)["style_effect"] == pytest.approx(1.0)
+    assert metrics._style_effect(real[::-1, [1, 0, 2]], real)["style_effect"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="identical"):
+        metrics._style_effect(real, np.stack([np.stack([a, a, a])] * 2))
+
+
+def test_style_effect_drawings():
+    character, alphabet, drawer = _labels(alphabets=(8, 5), drawers=8)
+    content, style, real = metrics.style_effect_drawings(character, alphabet, drawer, styles=5, seed=0)
+    assert content.shape == (13,) and style.shape == real.shape == (13, 5)
+    assert np.all(character[real] == character[content][:, None])
+    assert np.all(character[style] != character[content][:, None])
+    assert np.all(alphabet[style] == alphabet[content][:, None])
+    assert np.all(drawer[style] == drawer[real])  # style j from real drawing j's drawer
+    for row in range(13):
+        hands = np.concatenate([[drawer[content[row]]], drawer[real[row]]])
+        assert len(np.unique(hands)) == 6
+    again = metrics.style_effect_drawings(character, alphabet, drawer, styles=5, seed=0)
+    assert all(np.array_equal(x, y) for x, y in zip(again, (content, style, real)))
+    with pytest.raises(ValueError, match="9 drawers"):
+        metrics.style_effect_drawings(character, alphabet, drawer, styles=8)
+
+
+class ImageCodes(nn.Module):
+    """Duck-typed model whose content and style codes are both the image's pixels; decode returns
+    the content image (style="ignored") or the style image (style="image")."""
+
+    def __init__(self, style: str):
+        super().__init__()
+        self.style = style
+        self.anchor = nn.Parameter(torch.zeros(()))
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    def encode(self, x):
+        return x.flatten(1), x.flatten(1)
+
+    def decode(self, content, style):
+        side = math.isqrt(content.shape[1])
+        return (style if self.style == "image" else content).view(-1, 1, side, side)
+
+
+def test_style_effect_of_known_decoders():
+    test, _ = _known_codes("random")  # 50 characters x 8 drawers, one ink pixel per character
+    rng = np.random.default_rng(0)
+    images = rng.random((len(test), 1, 8, 8)).astype(np.float32)  # every drawing its own pattern
+    images[:, 0, 0, 0] = 1.0  # some ink in common
+    args = (test.character, test.alphabet, test.drawer)
+    assert metrics.style_effect(ImageCodes("ignored"), images, *args, styles=5, seed=0)["style_effect"] == 0.0
+    result = metrics.style_effect(ImageCodes("image"), images, *args, styles=5, seed=0)
+    # Decoding the style image: the spread of the style drawings over that of the real ones.
+    content, style, real = metrics.style_effect_drawings(*args, styles=5, seed=0)
+    flat = images.reshape(len(images), -1)
+    expected = (metrics._ink_distance(flat[style]).mean() / metrics._ink_distance(flat[real]).mean())
+    assert result["style_effect"] == pytest.approx(expected)
+    assert 0.5 < result["style_effect"] < 2.0  # random patterns: about as spread as the real ones
+    codes = tuple(torch.from_numpy(images).flatten(1).numpy() for _ in range(2))  # what encode gives
+    assert metrics.style_effect(ImageCodes("image"), images, *args, styles=5, seed=0, codes=codes) == result
+    assert result["characters"] == 50 and result["styles"] == 5
+
+
 # ---- code metrics end to end -------------------------------------------------------------------
 
 
@@ -603,6 +940,10 @@ def test_code_metrics_known_answers(tmp_path):
     for key in ("content_20way_1shot", "content_5way_1shot"):
         assert results[key] == 1.0 and results[f"{key}_ci95"] == 0.0
     assert results["content_kmeans_accuracy"] > 0.95 and results["content_nmi"] > 0.95
+    # And so do 5-shot prototypes and k-means within each alphabet, on content means and on pixels.
+    for key in ("content_20way_5shot", "pixel_20way_5shot"):
+        assert results[key] == 1.0 and results[f"{key}_ci95"] == 0.0
+    assert results["content_alphabet_kmeans_accuracy"] > 0.95 and results["pixel_alphabet_kmeans_accuracy"] == 1.0
     # Random style codes, drawer-only codes and random codes: chance, 1/20, within a few half-widths.
     for name in ("style", "drawer_code", "random_code"):
         accuracy, ci95 = results[f"{name}_20way_1shot"], results[f"{name}_20way_1shot_ci95"]
@@ -630,7 +971,7 @@ def test_code_metrics_known_answers(tmp_path):
     assert pixels["pixel_20way_1shot"] == pixels["pixel_5way_1shot"] == 1.0
     assert pixels["pixel_20way_1shot_ci95"] == 0.0 and pixels["pixel_kmeans_accuracy"] > 0.95
     (cached,) = tmp_path.glob("pixels_*.json")
-    assert cached.name.startswith("pixels_v2_")
+    assert cached.name.startswith("pixels_v3_")
     assert pixel_baseline(test, seed=0, cache_dir=tmp_path, episodes=500) == pixels
 
 

@@ -41,6 +41,13 @@ def test_the_leakage_references_and_baselines():
     assert METRICS["content_20way_1shot"].baselines == ("pixel_20way_1shot",)
     assert METRICS["prior_mmd2_means_content"].baselines == ("prior_mmd2_floor_content",)
     assert METRICS["nll_iwae"].direction == "lower" and METRICS["kl_total"].direction is None
+    # The new measures sit beside their baselines.
+    assert METRICS["content_20way_5shot"].baselines == ("pixel_20way_5shot",)
+    assert METRICS["content_alphabet_kmeans_accuracy"].baselines == ("pixel_alphabet_kmeans_accuracy",)
+    assert METRICS["digits_10way_5shot"].baselines == ("digits_pixel_10way_5shot",)
+    assert METRICS["set_nll_5"].baselines == METRICS["conditional_nll_1shot"].baselines == ("nll_iwae",)
+    assert METRICS["swap_consistency"].baselines == ("recon_consistency", "classifier_accuracy")
+    assert METRICS["set_nll_5"].direction == "lower" and METRICS["style_effect"].direction is None
     assert {m.key: m.seed_document for m in METRICS.values() if m.seed_document is not None} == {
         "kl_total": 63.1432, "content_kmeans_accuracy": 0.0017}
 
@@ -56,6 +63,12 @@ def test_named_maps_each_field_to_its_key_once():
     match = {"mmd2": 0.2, "mmd2_floor": 0.0, "gaussian_kl": 3.0, "points": 10}
     assert registry.named(metrics.prior_match, match, part="style", codes="means") == {
         "prior_mmd2_means_style": 0.2, "prior_gaussian_kl_means_style": 3.0}  # the floor is the sampled one's
+    assert registry.named(metrics.few_shot_accuracy, score, codes="pixel", ways=20, shots=5) == {
+        "pixel_20way_5shot": 0.8, "pixel_20way_5shot_ci95": 0.01}
+    assert registry.named(metrics.labelled_few_shot_accuracy, score, codes="pixel", shots=1) == {
+        "digits_pixel_10way_1shot": 0.8, "digits_pixel_10way_1shot_ci95": 0.01}
+    likelihood = {"nll": 90.0, "k": 100, "sets": 10, "set_size": 5}
+    assert registry.named(metrics.set_nll, likelihood) == {"set_nll_5": 90.0, "set_nll_k": 100, "set_nll_sets": 10}
     with pytest.raises(KeyError, match="no record"):
         registry.named(metrics.few_shot_accuracy, score, codes="content", ways=7)
     with pytest.raises(KeyError):
