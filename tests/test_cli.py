@@ -18,7 +18,7 @@ from omnivae import data as omni_data
 from omnivae.registry import METRICS
 
 COMMANDS = ("fetch", "config", "train", "evaluate", "run", "sample", "swap", "one-shot", "interpolate", "report",
-            "compare")
+            "compare", "demo")
 ROOT = Path(__file__).resolve().parents[1]
 
 
