@@ -28,11 +28,11 @@ import numpy as np
 
 from omnivae.registry import METRICS
 
-# The table's columns: metrics.json keys, headed by their registry labels, then training time.
+# The table's columns: metric keys, headed by their registry labels, then training time.
 COLUMNS = [(key, METRICS[key].label) for key in (
     "content_20way_1shot", "content_5way_1shot", "style_20way_1shot", "content_kmeans_accuracy", "content_nmi",
     "swap_consistency", "nll_iwae", "prior_mmd2_content", "prior_mmd2_style", "kl_total")]
-COLUMNS.append(("train_seconds", "train s"))  # from run.json, not a metric
+COLUMNS.append(("train_seconds", "train s"))  # from the run info, not a metric
 
 
 def quick_metrics(run_dir: Path, data_dir, cache_dir, split: str) -> dict:

@@ -1,10 +1,10 @@
-"""`omnivae evaluate`: every metric on the evaluation set (unseen alphabets), figures, metrics.json.
+"""`omnivae evaluate`: every metric on the evaluation set (unseen alphabets), figures, the run's metrics file.
 
 A run trained on an image folder of your own is scored on its held-out classes instead; that data
 records no drawers, so few-shot episodes take two random drawings of each class and the metrics
 that need drawers (the drawer-code reference, swap consistency) are left out.
 
-Every metrics.json key is a record of `omnivae.registry`; `named` turns a metric function's result
+Every metric key is a record of `omnivae.registry`; `named` turns a metric function's result
 into those keys, so nothing here renames them.
 """
 from __future__ import annotations

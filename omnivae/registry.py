@@ -1,4 +1,4 @@
-"""The metric registry: one record per metrics.json key, read by everything that names a metric.
+"""The metric registry: one record per metric key a run's metrics file holds, read by everything that names a metric.
 
 A record says which function computes the key (and which field of its result dict it is), which
 way is better, which numbers to show beside it, a short label for tables, a one-line
@@ -35,9 +35,9 @@ STYLE_EFFECT = "Mathieu et al. 2016; Bouchacourt et al. 2018; Jaccard 1912"
 
 @dataclass(frozen=True)
 class Metric:
-    """One metrics.json key and everything a table, chart or document needs to show it."""
+    """One metric key and everything a table, chart or document needs to show it."""
 
-    key: str  # the metrics.json key
+    key: str  # the key in the run's metrics file
     label: str  # short name for table headers and chart titles
     description: str  # one line: what the number measures
     direction: str | None  # HIGHER or LOWER is better; None for counts, settings, references and intervals
@@ -227,7 +227,7 @@ _RECORDS: list[Metric] = [
     Metric("eval_seconds", "eval s", "Seconds the evaluation took.", None, "evaluate.evaluate"),
 ]
 
-METRICS: dict[str, Metric] = {m.key: m for m in _RECORDS}  # every metrics.json key, in table order
+METRICS: dict[str, Metric] = {m.key: m for m in _RECORDS}  # every metric key, in table order
 CI95: dict[str, str] = {m.ci95_of: m.key for m in _RECORDS if m.ci95_of}  # value key -> its half-width's key
 
 
@@ -236,7 +236,7 @@ def _function_name(function: Callable) -> str:
 
 
 def named(function: Callable, result: dict, **where) -> dict:
-    """The metrics.json entries of one call: {key: result[field]} for every record of `function`
+    """The metric entries of one call: {key: result[field]} for every record of `function`
     with these `where` values (e.g. codes="content", ways=20). This is the one place a result's
     fields become keys; fields no record names are not written."""
     name = _function_name(function)

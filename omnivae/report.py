@@ -4,7 +4,7 @@ A run folder (see rundir) holds the config, the training log, the run info (wher
 trained), the metrics (from evaluation) and the figures. `write_report` turns them into one
 HTML page in the run folder: figures are embedded as base64 data URIs and the CSS is inline, so the
 file opens offline and can be mailed around. `compare` and `write_compare_page` put the
-metrics of several runs side by side. What each metrics.json key means, which way is better
+metrics of several runs side by side. What each metric key means, which way is better
 and which numbers go beside it come from the metric registry (`omnivae.registry.METRICS`).
 """
 from __future__ import annotations
