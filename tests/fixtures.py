@@ -132,3 +132,28 @@ def killed_write(path: Path) -> Path:
     writer.stdout.close()
     assert tmp.exists() and tmp.parent == Path(path).parent
     return tmp
+
+
+def find_chromium():
+    """The system's Chromium (or Chrome) binary, or None: browser tests never download one."""
+    import os
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None
+
+
+def real_data() -> Path:
+    """The real Omniglot folder named by OMNIVAE_TEST_DATA; the test is skipped when it is unset."""
+    import os
+
+    import pytest
+
+    folder = os.environ.get("OMNIVAE_TEST_DATA")
+    if not folder:
+        pytest.skip("OMNIVAE_TEST_DATA is not set")
+    assert Path(folder).is_dir(), f"OMNIVAE_TEST_DATA={folder} does not exist"
+    return Path(folder)

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import omnivae
-from fixtures import make_tiny_omniglot
+from fixtures import make_tiny_omniglot, real_data
 from omnivae import cli
 from omnivae import data as omni_data
 from omnivae.registry import METRICS
@@ -345,14 +345,6 @@ def test_resume_from_the_cli(tmp_path, tiny_sets, capsys):
     blocked.write_text("")
     assert exit_code(["sample", run, "--n", "2", "--out", blocked / "s.png"]) == 1
     assert error_line(capsys) == f"omnivae: error: {blocked}: File exists"
-
-
-def real_data() -> Path:
-    folder = os.environ.get("OMNIVAE_TEST_DATA")
-    if not folder:
-        pytest.skip("OMNIVAE_TEST_DATA is not set")
-    assert Path(folder).is_dir(), f"OMNIVAE_TEST_DATA={folder} does not exist"
-    return Path(folder)
 
 
 @pytest.mark.slow

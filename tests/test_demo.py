@@ -27,7 +27,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from fixtures import expected_ink, make_tiny_omniglot, png_bytes
+from fixtures import expected_ink, find_chromium, make_tiny_omniglot, png_bytes, real_data
 from omnivae import cli, load
 from omnivae import data as omni_data
 from omnivae import demo as omni_demo
@@ -347,14 +347,6 @@ def test_cli_serves_until_ctrl_c(tiny):
 # ----------------------------------------------------------------------------- in a real browser
 
 
-def find_chromium():
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None
-
-
 @contextmanager
 def browser_page():
     """A Playwright page in the system's headless Chromium (Playwright never downloads one here)."""
@@ -450,14 +442,6 @@ def test_page_draws_reads_and_restyles_in_headless_chromium(tiny):
 
 
 # ----------------------------------------------------------------------------- on the real data
-
-
-def real_data() -> Path:
-    folder = os.environ.get("OMNIVAE_TEST_DATA")
-    if not folder:
-        pytest.skip("OMNIVAE_TEST_DATA is not set")
-    assert Path(folder).is_dir(), f"OMNIVAE_TEST_DATA={folder} does not exist"
-    return Path(folder)
 
 
 def upstream_png(data_dir: Path, character: int, drawer: int) -> bytes:

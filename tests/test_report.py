@@ -14,6 +14,7 @@ from PIL import Image
 from omnivae import plots, report
 from omnivae.config import make_config
 from omnivae.registry import METRICS as REGISTRY
+from fixtures import find_chromium
 
 METRICS = {
     "split": "evaluation",
@@ -184,14 +185,6 @@ def test_compare_page(tmp_path):
 
 
 # ----------------------------------------------------------------------------- in a real browser
-
-
-def find_chromium():
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None
 
 
 @pytest.mark.browser
