@@ -336,8 +336,11 @@ def train(
         cfg = dataclasses.replace(cfg, data="folder")  # recorded, so that evaluate scores its held-out classes
         cfg.validate()
     rundir.write_config(run_dir, cfg)
-    if start >= cfg.epochs:
-        return run_dir  # nothing left to train; the run info keeps the timing of the training that ran
+    if start >= cfg.epochs:  # nothing left to train; the run info keeps the timing of the training that ran
+        if rundir.read_run_info(run_dir) is None:  # stopped after its last checkpoint: the log holds the timing
+            seconds = sum(record.get("seconds", 0.0) for record in rundir.read_log(run_dir))
+            write_run_info(run_dir, resolve_device(cfg.device), seconds)
+        return run_dir
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     if cfg.threads:
@@ -417,17 +420,20 @@ def load_state(run_dir, parts: Parts, device="cpu") -> int:
     return checkpoint.epoch
 
 
-def write_run_info(run_dir: Path, device: torch.device, seconds: float, images: int) -> None:
-    """Where and how long the (last part of the) training ran, for the report."""
+def write_run_info(run_dir: Path, device: torch.device, seconds: float, images: int | None = None) -> None:
+    """Where and how long the (last part of the) training ran, for the report; the throughput
+    only when the images trained on are counted (`images`)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    rundir.write_run_info(run_dir, {
+    info = {
         "device": str(device),
         "hardware": name,
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "train_seconds": round(seconds, 1),
-        "images_per_second": round(images / max(seconds, 1e-9), 1),
-    })
+    }
+    if images is not None:
+        info["images_per_second"] = round(images / max(seconds, 1e-9), 1)
+    rundir.write_run_info(run_dir, info)
 
 
 def cpu_name() -> str:

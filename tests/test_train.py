@@ -248,6 +248,12 @@ def test_resume_with_more_epochs_and_after_the_last_epoch(tmp_path, synthetic):
     train(None, run, dataset=synthetic, progress=False, resume=True)
     assert (run / "run.json").read_text() == info
     assert len((run / "log.jsonl").read_text().splitlines()) == 1
+    # Stopped after its last checkpoint, before the run info: the log's epoch seconds give it back.
+    (run / "run.json").unlink()
+    train(None, run, dataset=synthetic, progress=False, resume=True)
+    logged = json.loads((run / "log.jsonl").read_text())["seconds"]
+    assert json.loads((run / "run.json").read_text())["train_seconds"] == round(logged, 1)
+    (run / "run.json").write_text(info)
     # More epochs: config.json records the new total and training goes on from epoch 2.
     train(None, run, dataset=synthetic, progress=False, resume=True, epochs=2)
     assert json.loads((run / "config.json").read_text())["epochs"] == 2
