@@ -35,9 +35,11 @@ def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mean.pow(2) + logvar.exp() - logvar - 1.0).sum(-1)
 
 
-def reparameterize(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """z = mean + sigma * eps with eps ~ N(0, I): a sample that keeps gradients to mean and logvar."""
-    return mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+def reparameterize(mean: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+    """z = mean + sigma * eps with eps ~ N(0, I): a sample that keeps gradients to mean and logvar.
+    `eps` (mean's shape) is drawn here when None."""
+    eps = torch.randn_like(mean) if eps is None else eps
+    return mean + eps * (0.5 * logvar).exp()
 
 
 def _squared_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -94,7 +96,7 @@ def mmd(x: torch.Tensor, y: torch.Tensor, kernel: str = "imq", scales=DEFAULT_SC
 # discriminator with its own optimiser, so it lives in train.py, built from the functions below.
 
 
-def kl_regularizer(mean, logvar, codes, kernel="imq", sample_kl=0.0, group_size=1):
+def kl_regularizer(mean, logvar, codes, kernel="imq", sample_kl=0.0, group_size=1, prior=None):
     """Closed-form KL(q(z|x) || N(0, I)) per image: the ELBO's term.
 
     Each row stands for `group_size` images that share it (a grouped content posterior), so
@@ -106,7 +108,7 @@ def kl_regularizer(mean, logvar, codes, kernel="imq", sample_kl=0.0, group_size=
     return gaussian_kl(mean, logvar).mean() / group_size
 
 
-def mmd_regularizer(mean, logvar, codes, kernel="imq", sample_kl=0.0, group_size=1):
+def mmd_regularizer(mean, logvar, codes, kernel="imq", sample_kl=0.0, group_size=1, prior=None):
     """MMD^2 between the codes and as many N(0, I) samples, plus a small per-sample KL.
 
     When `codes` are the posterior *means* this matches the aggregate posterior to the
@@ -116,9 +118,9 @@ def mmd_regularizer(mean, logvar, codes, kernel="imq", sample_kl=0.0, group_size
     the encoder collapse. `sample_kl` weighs a per-sample KL that keeps each q(z|x) a
     proper Gaussian rather than a point; like `kl_regularizer` it is per image (divided by
     `group_size`). The MMD compares two distributions, not a sum over images, so it keeps
-    its scale whatever the grouping.
+    its scale whatever the grouping. `prior`: the N(0, I) samples (codes' shape), drawn here when None.
     """
-    loss = mmd(codes, torch.randn_like(codes), kernel)
+    loss = mmd(codes, torch.randn_like(codes) if prior is None else prior, kernel)
     if sample_kl:
         loss = loss + sample_kl * gaussian_kl(mean, logvar).mean() / group_size
     return loss
@@ -205,5 +207,6 @@ def supervised_contrastive(embeddings: torch.Tensor, labels: torch.Tensor, tempe
     log_prob = sim - sim.logsumexp(1, keepdim=True)  # (B, B), -inf on the diagonal
     positives = (labels[:, None] == labels[None, :]) & ~self_mask
     count = positives.sum(1)
-    per_row = -log_prob.masked_fill(~positives, 0.0).sum(1) / count.clamp_min(1)
-    return per_row[count > 0].mean()
+    per_row = -log_prob.masked_fill(~positives, 0.0).sum(1) / count.clamp_min(1)  # (B,), 0 without positives
+    has = count > 0  # a weighted mean rather than per_row[has]: boolean indexing would wait for the device
+    return (per_row * has).sum() / has.sum()

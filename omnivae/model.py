@@ -61,6 +61,14 @@ class Posterior(NamedTuple):
     style_logvar: torch.Tensor  # (B, Ds)
 
 
+class Noise(NamedTuple):
+    """The N(0, I) draws of one forward pass's samples (training passes them to share one
+    random stream across processes, see distributed)."""
+
+    content: torch.Tensor | None  # (G, Dc) one per group, or (B, Dc) when not grouped
+    style: torch.Tensor | None  # (B, Ds)
+
+
 class VAEOutput(NamedTuple):
     logits: torch.Tensor  # (B, 1, S, S) Bernoulli logits of the reconstruction
     content_mean: torch.Tensor  # (B, Dc) per drawing, or the group's shared posterior repeated
@@ -135,8 +143,9 @@ class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tag
     def posterior(self, x: torch.Tensor) -> Posterior:
         """q(z_content | x) and q(z_style | x) for images x: (B, 1, S, S) in [0, 1], ink = 1."""
         h = self.trunk(self.features(x))  # (B, hidden)
-        content_mean, content_logvar = self.content_head(h).chunk(2, dim=1)  # (B, Dc) each
-        style_mean, style_logvar = self.style_head(h).chunk(2, dim=1)  # (B, Ds) each
+        # float(): under bf16 autocast the Gaussians' arithmetic still runs in float32 (a no-op otherwise).
+        content_mean, content_logvar = self.content_head(h).float().chunk(2, dim=1)  # (B, Dc) each
+        style_mean, style_logvar = self.style_head(h).float().chunk(2, dim=1)  # (B, Ds) each
         # Bound log-variances so exp() can neither overflow nor reach zero precision.
         return Posterior(content_mean, content_logvar.clamp(-12, 8), style_mean, style_logvar.clamp(-12, 8))
 
@@ -145,21 +154,23 @@ class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tag
         h = h.view(-1, self.widths[-1], self.sizes[-1], self.sizes[-1])  # (B, C, s, s)
         return self.to_logits(self.upsample(h))  # (B, 1, S, S)
 
-    def forward(self, x: torch.Tensor, group_size: int = 1) -> VAEOutput:
+    def forward(self, x: torch.Tensor, group_size: int = 1, noise: Noise | None = None) -> VAEOutput:
         """Encode, sample and decode. With group_size > 1, rows come in groups of that many
-        drawings of one character and share one content posterior (config.grouping)."""
+        drawings of one character and share one content posterior (config.grouping). `noise`
+        gives the N(0, I) draws of the two samples; None draws them here, in the same order."""
         q = self.posterior(x)
         content_mean, content_logvar = q.content_mean, q.content_logvar
+        noise = noise or Noise(None, None)
         if group_size > 1:
             group_mean, group_logvar = GROUPINGS[self.config.grouping](content_mean, content_logvar, group_size)
             # One content sample per group, repeated for each of its drawings.
-            group_code = reparameterize(group_mean, group_logvar)  # (G, Dc)
+            group_code = reparameterize(group_mean, group_logvar, noise.content)  # (G, Dc)
             content = group_code.repeat_interleave(group_size, 0)  # (B, Dc)
             content_mean = group_mean.repeat_interleave(group_size, 0)
             content_logvar = group_logvar.repeat_interleave(group_size, 0)
         else:
-            content = reparameterize(content_mean, content_logvar)
-        style = reparameterize(q.style_mean, q.style_logvar)
+            content = reparameterize(content_mean, content_logvar, noise.content)
+        style = reparameterize(q.style_mean, q.style_logvar, noise.style)
         logits = self.decode_logits(content, style)
         return VAEOutput(
             logits, content_mean, content_logvar, q.style_mean, q.style_logvar, content, style, q.content_mean
