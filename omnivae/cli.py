@@ -27,6 +27,7 @@ EPILOG = """examples:
   omnivae run --data-dir my_glyphs --out runs/mine        # your own images: my_glyphs/<class>/<image>.png
   omnivae train --preset quick --out runs/quick --set epochs=1 --set content_dim=16
   omnivae train --resume runs/quick --set epochs=4       # continue, with more epochs
+  torchrun --nproc_per_node 2 -m omnivae train --out runs/two  # one run on 2 GPUs (DDP)
   omnivae evaluate runs/quick --subset 2000 --nll-k 100
   omnivae sample runs/quick --n 64 --out samples.png
   omnivae demo runs/quick                                 # a local page: draw, see neighbours and styles
@@ -303,19 +304,25 @@ def cmd_config(args: argparse.Namespace) -> None:
     print(json.dumps(_config(args).to_dict(), indent=2))
 
 
+def _say(*args) -> None:
+    """Print, in torchrun's process 0 only (or in a plain single process)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(*args)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     if args.resume is not None:
         _resume(args)
         return
     _train(args)
-    print(f"trained: {args.out}")
+    _say(f"trained: {args.out}")
 
 
 def _train(args: argparse.Namespace) -> None:
     from .train import train
 
     if rundir.is_run_folder(args.out) and not rundir.is_trained(args.out):
-        print(f"{args.out} holds a run stopped before its first checkpoint; starting it again")
+        _say(f"{args.out} holds a run stopped before its first checkpoint; starting it again")
     train(_config(args), args.out, args.data_dir, args.cache_dir, progress=not args.quiet)
 
 
@@ -335,13 +342,13 @@ def _resume(args: argparse.Namespace) -> None:
     if wanted.epochs != saved.epochs:
         if wanted.epochs < finished:
             raise ConfigError(f"epochs={wanted.epochs} is fewer than the {finished} epochs {run_dir} has finished")
-        print(f"resuming {run_dir} with epochs={wanted.epochs} (was {saved.epochs}); {rundir.CONFIG_FILE} updated")
+        _say(f"resuming {run_dir} with epochs={wanted.epochs} (was {saved.epochs}); {rundir.CONFIG_FILE} updated")
     elif finished >= saved.epochs:
-        print(f"{run_dir} has already finished {finished}/{saved.epochs} epochs; nothing to train "
-              "(add epochs with --set epochs=N)")
+        _say(f"{run_dir} has already finished {finished}/{saved.epochs} epochs; nothing to train "
+             "(add epochs with --set epochs=N)")
         return
     train(None, run_dir, args.data_dir, args.cache_dir, resume=True, progress=not args.quiet, epochs=wanted.epochs)
-    print(f"trained: {run_dir}")
+    _say(f"trained: {run_dir}")
 
 
 def _evaluate(args: argparse.Namespace, run_dir: Path) -> None:
@@ -364,6 +371,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     from .report import write_report
 
     _train(args)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, process 0 alone evaluates and reports
     _evaluate(args, args.out)
     print(f"wrote {write_report(args.out)}")
 

@@ -64,8 +64,10 @@ class Config:
     lr_min_ratio: float = 0.1  # cosine schedule ends at lr * this
     warmup_epochs: float = 0.0  # linear warm-up of the regulariser weights, in epochs
     seed: int = 0  # seeds Python, NumPy and torch
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: each process's own GPU)
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the training step; evaluation stays fp32). Not yet measured on a GPU
+    compile: bool = False  # torch.compile the VAE for training. Not yet measured on a GPU
     # --- evaluation
     eval_seed: int = 0  # seed of every random choice in evaluation
     tsne_characters: int = 20  # characters in the labelled t-SNE plot
@@ -112,6 +114,7 @@ class Config:
             "mmd_kernel": ("imq", "rbf"),
             "match_codes": ("mean", "sample"),
             "grouping": ("product", "average"),
+            "precision": ("fp32", "bf16"),
             "image_size": IMAGE_SIZES,
             "data": ("omniglot", "folder"),
         }

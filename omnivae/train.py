@@ -1,6 +1,7 @@
 """Training: one loop and small helpers; what it writes into the run folder is rundir's business."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import data as omni_data
-from . import rundir
+from . import distributed, rundir
 from .config import Config, ConfigError
 from .losses import (
     REGULARIZERS,
@@ -27,7 +28,7 @@ from .losses import (
     r1_penalty,
     supervised_contrastive,
 )
-from .model import Discriminator, ModelConfig, StructuredVAE, StyleAdversary, resolve_device
+from .model import Discriminator, ModelConfig, Noise, StructuredVAE, StyleAdversary
 from .rundir import finished_epochs  # noqa: F401  (importable from here, as before rundir existed)
 
 PARTS = ("content", "style")
@@ -49,6 +50,12 @@ class Parts:
     discriminators: dict = field(default_factory=dict)  # part -> Discriminator
     optimizer: torch.optim.Optimizer | None = None  # VAE (and style adversary, through its reversal layer)
     disc_optimizer: torch.optim.Optimizer | None = None
+    process: distributed.Process = field(default_factory=distributed.Process)  # one of torchrun's, or the only one
+    wrapped: dict = field(default_factory=dict)  # "model", "style_adversary" -> DDP and/or torch.compile of it (`wrap`)
+
+    def run(self, name: str) -> torch.nn.Module:
+        """What a training step calls for the module `name`: its wrapper, else the module itself."""
+        return self.wrapped[name] if name in self.wrapped else getattr(self, name)
 
     def helpers(self) -> dict[str, torch.nn.Module]:
         """Every trained module but the VAE: the style adversary and the discriminators."""
@@ -93,6 +100,26 @@ def build_parts(cfg: Config, classes: int, device: torch.device) -> Parts:
     return parts
 
 
+def wrap(parts: Parts, cfg: Config, process: distributed.Process) -> None:
+    """Prepare the modules for training steps: with more than one process their batch norms use the
+    global batch; under torchrun the VAE and the style adversary are wrapped in DDP (the
+    discriminators average their gradients by hand, see distributed); cfg.compile compiles the VAE.
+    State dicts and checkpoints always come from the modules themselves."""
+    parts.process = process
+    if process.world_size > 1:
+        distributed.global_batch_norm(parts.model)
+    for name in ("model", "style_adversary"):
+        module = getattr(parts, name)
+        if module is not None and process.launched:
+            ids = [process.device.index] if process.device.type == "cuda" else None
+            # Buffers need no broadcast before each forward: global batch norm keeps the same running statistics everywhere.
+            module = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
+        if module is not None and name == "model" and cfg.compile:
+            module = torch.compile(module)
+        if module is not getattr(parts, name):
+            parts.wrapped[name] = module
+
+
 def _codes(cfg: Config, out, part: str):
     """(mean, logvar, codes matched to the prior) of one part; one row per group for grouped content."""
     mean, logvar = getattr(out, f"{part}_mean"), getattr(out, f"{part}_logvar")
@@ -108,37 +135,15 @@ def update(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, ramp
     device, so the training loop does it once per epoch (`train_step` reads them at once).
 
     x: (B, 1, S, S) in [0, 1]; label: (B,) training-character index, used only by the
-    content-level terms. With cfg.group_size > 1 the batch is G groups of M drawings.
+    content-level terms. With cfg.group_size > 1 the batch is G groups of M drawings. Under
+    torchrun these are this process's rows of the global batch, and every random draw is made
+    for the global batch (see distributed).
     """
-    model, M = parts.model, cfg.group_size
-    out = model(x, M)
-    terms = {"recon": bernoulli_nll(out.logits, x)}
-    loss = terms["recon"]
-    for part in PARTS:
-        name, weight = getattr(cfg, f"{part}_regularizer"), getattr(cfg, f"{part}_weight")
-        mean, logvar, codes = _codes(cfg, out, part)
-        if name == "adversarial":
-            terms[part] = generator_loss(parts.discriminators[part](codes))
-        else:
-            # Grouped content has one posterior per M drawings: its KL counts once per group (see losses).
-            rows_per = M if part == "content" else 1
-            terms[part] = REGULARIZERS[name](mean, logvar, codes, kernel=cfg.mmd_kernel, sample_kl=cfg.sample_kl,
-                                             group_size=rows_per)
-        terms[f"kl_{part}"] = gaussian_kl(mean, logvar).mean().detach()  # per posterior (one per group), logged whatever the regulariser
-        loss = loss + ramp * weight * terms[part]
-    if cfg.contrastive_weight > 0:
-        terms["contrastive"] = supervised_contrastive(out.drawing_content_mean, label, cfg.temperature)
-        loss = loss + cfg.contrastive_weight * terms["contrastive"]
-    if parts.style_adversary is not None:
-        logits = parts.style_adversary(out.style_mean, ramp)  # gradient reversal inside
-        terms["style_adversary"] = F.cross_entropy(logits, label)
-        loss = loss + cfg.style_adversary_weight * terms["style_adversary"]
-    if cfg.cross_weight > 0:
-        # Content of each drawing with the style of the next drawing of its group -> that next drawing.
-        style = out.style.view(-1, M, cfg.style_dim).roll(1, dims=1).reshape(-1, cfg.style_dim)  # (B, Ds)
-        target = x.view(-1, M, *x.shape[1:]).roll(1, dims=1).reshape(x.shape)
-        terms["cross"] = bernoulli_nll(model.decode_logits(out.drawing_content_mean, style), target)
-        loss = loss + cfg.cross_weight * terms["cross"]
+    M, process = cfg.group_size, parts.process
+    with _precision(cfg, x.device):
+        out = parts.run("model")(x, M, Noise(process.randn(len(x) // M, cfg.content_dim, x.device),
+                                             process.randn(len(x), cfg.style_dim, x.device)))
+        loss, terms = _loss(parts, cfg, x, label, ramp, out)
 
     parts.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -149,7 +154,48 @@ def update(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, ramp
     for _ in range(cfg.disc_steps if parts.discriminators else 0):
         terms["disc"] = discriminator_step(parts, cfg, out)
     terms["loss"] = loss
-    return {k: v.detach() for k, v in terms.items()}
+    return {k: v.detach().float() for k, v in terms.items()}
+
+
+def _precision(cfg: Config, device: torch.device):
+    """bf16 autocast for cfg.precision == "bf16" (no gradient scaling needed: bf16 has float32's range)."""
+    if cfg.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _loss(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, ramp: float, out) -> tuple:
+    """The VAE's total loss and its terms, from the forward pass `out`."""
+    M, process = cfg.group_size, parts.process
+    terms = {"recon": bernoulli_nll(out.logits, x)}
+    loss = terms["recon"]
+    for part in PARTS:
+        name, weight = getattr(cfg, f"{part}_regularizer"), getattr(cfg, f"{part}_weight")
+        mean, logvar, codes = _codes(cfg, out, part)
+        if name == "adversarial":
+            terms[part] = generator_loss(parts.discriminators[part](codes))
+        else:
+            # Grouped content has one posterior per M drawings: its KL counts once per group (see losses).
+            rows_per = M if part == "content" else 1
+            prior = process.randn(*codes.shape, codes.device) if name == "mmd" else None  # drawn as the global batch's
+            terms[part] = REGULARIZERS[name](mean, logvar, codes, kernel=cfg.mmd_kernel, sample_kl=cfg.sample_kl,
+                                             group_size=rows_per, prior=prior)
+        terms[f"kl_{part}"] = gaussian_kl(mean, logvar).mean().detach()  # per posterior (one per group), logged whatever the regulariser
+        loss = loss + ramp * weight * terms[part]
+    if cfg.contrastive_weight > 0:
+        terms["contrastive"] = supervised_contrastive(out.drawing_content_mean, label, cfg.temperature)
+        loss = loss + cfg.contrastive_weight * terms["contrastive"]
+    if parts.style_adversary is not None:
+        logits = parts.run("style_adversary")(out.style_mean, ramp)  # gradient reversal inside
+        terms["style_adversary"] = F.cross_entropy(logits, label)
+        loss = loss + cfg.style_adversary_weight * terms["style_adversary"]
+    if cfg.cross_weight > 0:
+        # Content of each drawing with the style of the next drawing of its group -> that next drawing.
+        style = out.style.view(-1, M, cfg.style_dim).roll(1, dims=1).reshape(-1, cfg.style_dim)  # (B, Ds)
+        target = x.view(-1, M, *x.shape[1:]).roll(1, dims=1).reshape(x.shape)
+        terms["cross"] = bernoulli_nll(parts.model.decode_logits(out.drawing_content_mean, style), target)
+        loss = loss + cfg.cross_weight * terms["cross"]
+    return loss, terms
 
 
 def train_step(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, ramp: float = 1.0) -> dict:
@@ -162,8 +208,8 @@ def discriminator_step(parts: Parts, cfg: Config, out) -> torch.Tensor:
     is not trained here). Returns the summed discriminator loss."""
     total = 0.0
     for part, disc in parts.discriminators.items():
-        codes = _codes(cfg, out, part)[2].detach()
-        prior = torch.randn_like(codes).requires_grad_(True)
+        codes = _codes(cfg, out, part)[2].detach().float()
+        prior = parts.process.randn(*codes.shape, codes.device).requires_grad_(True)
         prior_logits = disc(prior)
         loss = discriminator_loss(prior_logits, disc(codes), cfg.disc_label_smoothing)
         if cfg.disc_grad_penalty > 0:
@@ -171,6 +217,7 @@ def discriminator_step(parts: Parts, cfg: Config, out) -> torch.Tensor:
         total = total + loss
     parts.disc_optimizer.zero_grad(set_to_none=True)
     total.backward()
+    distributed.average_gradients([p for d in parts.discriminators.values() for p in d.parameters()], parts.process)
     parts.disc_optimizer.step()
     return total.detach()
 
@@ -179,16 +226,15 @@ def discriminator_step(parts: Parts, cfg: Config, out) -> torch.Tensor:
 def validate(model: StructuredVAE, images: torch.Tensor, batch: int = 512) -> dict:
     """Per-image reconstruction NLL (posterior means decoded) and KL of each part, on held-out drawers."""
     model.eval()
-    sums = {"val_recon": 0.0, "val_kl_content": 0.0, "val_kl_style": 0.0}
+    sums = torch.zeros(3, dtype=torch.float64, device=images.device)  # summed on the device, read once
     for i in range(0, len(images), batch):
         x = images[i : i + batch]
         q = model.posterior(x)
         logits = model.decode_logits(q.content_mean, q.style_mean)
-        sums["val_recon"] += float(bernoulli_nll(logits, x)) * len(x)
-        sums["val_kl_content"] += float(gaussian_kl(q.content_mean, q.content_logvar).sum())
-        sums["val_kl_style"] += float(gaussian_kl(q.style_mean, q.style_logvar).sum())
+        sums += torch.stack([bernoulli_nll(logits, x) * len(x), gaussian_kl(q.content_mean, q.content_logvar).sum(),
+                             gaussian_kl(q.style_mean, q.style_logvar).sum()]).double()
     model.train()
-    return {k: v / len(images) for k, v in sums.items()}
+    return {k: v / len(images) for k, v in zip(("val_recon", "val_kl_content", "val_kl_style"), sums.tolist())}
 
 
 def batches(cfg: Config, labels: np.ndarray, epoch: int):
@@ -201,17 +247,32 @@ def batches(cfg: Config, labels: np.ndarray, epoch: int):
     return [order[i : i + cfg.batch_size] for i in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size)]
 
 
-def rotate_as_new_characters(x: torch.Tensor, label: torch.Tensor, group_size: int):
+def epoch_plan(cfg: Config, labels: np.ndarray, epoch: int, process: distributed.Process) -> torch.Tensor:
+    """The epoch's batches as one (steps, rows) index tensor of this process's rows of each batch
+    (all of it for a single process), on the training device: made once per epoch and copied in
+    one go, asynchronously from pinned memory on CUDA, so that a step copies nothing from the host."""
+    found = batches(cfg, labels, epoch)
+    rows = cfg.groups * cfg.group_size if cfg.group_size > 1 else cfg.batch_size  # images per batch
+    plan = torch.from_numpy(np.stack(found)) if found else torch.zeros(0, rows, dtype=torch.int64)  # (steps, B)
+    plan = process.share(plan, dim=1).contiguous()  # (steps, B / world): whole groups
+    if process.device.type == "cuda":
+        return plan.pin_memory().to(process.device, non_blocking=True)
+    return plan.to(process.device)
+
+
+def rotate_as_new_characters(x: torch.Tensor, label: torch.Tensor, group_size: int, turns: torch.Tensor | None = None):
     """Turn each group of drawings by a random multiple of 90 degrees and count each turn as a
     new character (label * 4 + turns), which quadruples the training characters as in
     Vinyals et al. 2016 ("Matching Networks for One Shot Learning", section 4.1.1).
-    x: (B, 1, S, S), label: (B,); a group is `group_size` consecutive rows (1: every row)."""
-    turns = torch.randint(0, 4, (len(x) // group_size,), device=x.device).repeat_interleave(group_size)  # (B,)
-    x = x.clone()
-    for k in (1, 2, 3):
-        rows = turns == k
-        x[rows] = torch.rot90(x[rows], k, dims=(2, 3))
-    return x, label * 4 + turns
+    x: (B, 1, S, S), label: (B,); a group is `group_size` consecutive rows (1: every row).
+    turns: (B / group_size,) quarter turns of the groups, drawn here when None."""
+    if turns is None:
+        turns = torch.randint(0, 4, (len(x) // group_size,), device=x.device)
+    turns = turns.repeat_interleave(group_size)  # (B,)
+    # Every drawing turned all four ways, then each one's own turn picked: a gather, where selecting
+    # the rows of each turn by a boolean mask would wait for the device to count them.
+    every = torch.stack([torch.rot90(x, k, dims=(2, 3)) for k in range(4)], dim=1)  # (B, 4, 1, S, S)
+    return every[torch.arange(len(x), device=x.device), turns], label * 4 + turns
 
 
 def lr_schedule(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int, done_steps: int = 0):
@@ -235,15 +296,16 @@ class EpochTotals:
     with the first step at which a sum stopped being finite (a loss term or the gradient norm went
     NaN or infinite) and which sums did. `means` reads them once, at the end of the epoch."""
 
-    def __init__(self):
+    def __init__(self, process: distributed.Process | None = None):
         self.names, self.steps = [], 0
+        self.process = process or distributed.Process()
 
     def add(self, step: int, terms: dict) -> None:
         values = torch.stack(list(terms.values()))  # (T,) one per loss term
         if not self.steps:
             self.names = list(terms)
             self.sums = torch.zeros_like(values)
-            self.first_bad = torch.tensor(-1, device=values.device)
+            self.first_bad = torch.full((), -1, device=values.device)  # not torch.tensor: a copy from the host
             self.bad_sums = self.sums
         self.sums = self.sums + values
         self.steps += 1
@@ -269,7 +331,8 @@ class EpochTotals:
             value = bad[(terms or list(bad))[0]]
             raise TrainingError(f"training diverged at epoch {epoch}, step {step + 1} of {self.steps}: {what} "
                                 f"{value}; {_kept(epoch)}")
-        return dict(zip(self.names, (self.sums / self.steps).tolist()))
+        # Every process finds the same bad step (they share gradients); the sums are averaged over them.
+        return dict(zip(self.names, (self.process.mean(self.sums) / self.steps).tolist()))
 
 
 def _kept(epoch: int) -> str:
@@ -279,19 +342,19 @@ def _kept(epoch: int) -> str:
     return f"epoch {epoch} was not saved and the run folder keeps its checkpoint of epoch {epoch - 1} (a lower lr may help)"
 
 
-def train_epoch(parts: Parts, cfg: Config, images: torch.Tensor, label: torch.Tensor, plan: list, epoch: int,
+def train_epoch(parts: Parts, cfg: Config, images: torch.Tensor, label: torch.Tensor, plan: torch.Tensor, epoch: int,
                 schedule, progress: bool) -> dict:
-    """One pass over `plan` (index arrays of the batches); returns the mean of each loss term.
-    images: (N, 1, S, S) and label: (N,) on the training device; `epoch` counts from 0."""
-    totals = EpochTotals()
+    """One pass over `plan` ((steps, B) indices on the device, see `epoch_plan`); returns the mean of
+    each loss term. images: (N, 1, S, S) and label: (N,) on the training device; `epoch` counts from 0."""
+    totals = EpochTotals(parts.process)
     bar = tqdm(plan, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
-    for i, idx in enumerate(bar):
+    for i, idx in enumerate(bar):  # idx: (B,) on the device already
         done = epoch + i / len(plan)
         ramp = min(1.0, done / cfg.warmup_epochs) if cfg.warmup_epochs > 0 else 1.0
-        idx = torch.as_tensor(idx, device=label.device)
         x, y = images[idx], label[idx]
         if cfg.rotations:
-            x, y = rotate_as_new_characters(x, y, cfg.group_size)
+            turns = parts.process.randint(4, len(idx) // cfg.group_size, idx.device)  # drawn as the global batch's
+            x, y = rotate_as_new_characters(x, y, cfg.group_size, turns)
         terms = update(parts, cfg, x, y, ramp)
         schedule.step()
         totals.add(i, terms)
@@ -318,14 +381,29 @@ def train(
     `dataset` replaces the background set (tests use tiny data). When data_dir is an image folder
     (`data.is_image_folder`), a new run trains on it instead, with cfg.data set to "folder"; its
     held-out classes (cfg.test_classes) never enter training. Raises TrainingError, keeping the
-    last checkpoint, when a loss or gradient stops being finite.
+    last checkpoint, when a loss or gradient stops being finite. Under torchrun every process
+    calls it and trains its share of each batch; process 0 alone logs and writes the run folder
+    (see distributed).
     """
     run_dir = Path(run_dir)
     if resume:
         cfg = rundir.read_config(run_dir)
     elif rundir.is_trained(run_dir):
         raise ConfigError(f"{run_dir} already holds a trained run; use --resume or another --out")
-    checkpoint = rundir.resume(run_dir)  # None for a new run, or one stopped before its first checkpoint
+    process = distributed.start(cfg.device)
+    try:
+        return _train(cfg, run_dir, data_dir, cache_dir, resume, progress and process.master, dataset, epochs, process)
+    finally:
+        distributed.stop(process)
+
+
+def _train(cfg: Config, run_dir: Path, data_dir, cache_dir, resume: bool, progress: bool, dataset,
+           epochs: int | None, process: distributed.Process) -> Path:
+    # Process 0 brings the folder in line with its checkpoint (resume may repair it); the others then read it.
+    checkpoint = rundir.resume(run_dir) if process.master else None  # None for a new run, or one stopped before its first checkpoint
+    process.barrier()
+    if not process.master:
+        checkpoint = rundir.read_checkpoint(run_dir)
     start = checkpoint.epoch if checkpoint else 0
     if epochs is not None and epochs != cfg.epochs:
         if epochs < start:
@@ -335,21 +413,27 @@ def train(
     if not resume and dataset is None and cfg.data == "omniglot" and omni_data.is_image_folder(data_dir):
         cfg = dataclasses.replace(cfg, data="folder")  # recorded, so that evaluate scores its held-out classes
         cfg.validate()
-    rundir.write_config(run_dir, cfg)
+    distributed.local_batch(cfg, process.world_size)  # each process takes whole groups, or ConfigError
+    if process.master:
+        rundir.write_config(run_dir, cfg)
     if start >= cfg.epochs:  # nothing left to train; the run info keeps the timing of the training that ran
-        if rundir.read_run_info(run_dir) is None:  # stopped after its last checkpoint: the log holds the timing
+        if process.master and rundir.read_run_info(run_dir) is None:  # stopped after its last checkpoint: the log holds the timing
             seconds = sum(record.get("seconds", 0.0) for record in rundir.read_log(run_dir))
-            write_run_info(run_dir, resolve_device(cfg.device), seconds)
+            write_run_info(run_dir, resolve_device(cfg.device), seconds, processes=process.world_size)
         return run_dir
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = process.device
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
+    if not process.master:
+        process.barrier()  # process 0 loads the data first (it may fetch and decode); the others read its cache
     if dataset is None and cfg.data == "folder":
         dataset = omni_data.load_folder(data_dir, cfg.image_size, cache_dir, cfg.group_size, progress=progress)
     if dataset is None:
         dataset = omni_data.load_set("background", cfg.image_size, data_dir, cache_dir, progress=progress)
+    if process.master:
+        process.barrier()
     if cfg.val_holdout:  # the validation alphabets never enter training
         dataset = omni_data.split_by_alphabet(dataset, cfg.val_alphabets)[0]
     if cfg.data == "folder":  # no drawers: validated on the held-out classes, which evaluate scores
@@ -364,26 +448,31 @@ def train(
     if checkpoint:
         restore(parts, checkpoint)
         checkpoint = None  # the modules and optimisers hold it now
+    wrap(parts, cfg, process)
     steps_per_epoch = len(batches(cfg, train_set.character, 0))  # the same every epoch
     schedule = lr_schedule(cfg, parts.optimizer, cfg.epochs * steps_per_epoch, start * steps_per_epoch)
     started = time.time()
     for epoch in range(start, cfg.epochs):
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # per-epoch seed: a resumed run repeats the same noise
         epoch_start = time.time()
-        means = train_epoch(parts, cfg, images, label, batches(cfg, train_set.character, epoch), epoch, schedule, progress)
+        plan = epoch_plan(cfg, train_set.character, epoch, process)  # (steps, B) on the device
+        means = train_epoch(parts, cfg, images, label, plan, epoch, schedule, progress)
         record = {"epoch": epoch + 1, "seconds": round(time.time() - epoch_start, 2), **means}
-        record.update(validate(parts.model, val_images))
+        if process.master:
+            record.update(validate(parts.model, val_images))
         save_checkpoint(run_dir, parts, record)
         if progress:
             shown = ", ".join(f"{k} {record[k]:.2f}" for k in ("recon", "val_recon", "contrastive") if k in record)
             tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: {shown} ({record['seconds']:.0f}s)")
-    write_run_info(run_dir, device, time.time() - started, len(images) * (cfg.epochs - start))
+    if process.master:
+        write_run_info(run_dir, device, time.time() - started, len(images) * (cfg.epochs - start), process.world_size)
     return run_dir
 
 
 def save_checkpoint(run_dir: Path, parts: Parts, record: dict) -> None:
-    """Every module and optimiser with the epoch's log record, as one checkpoint (rundir.save).
-    Refuses, with TrainingError, a state that is not finite: the last checkpoint stays."""
+    """Every module and optimiser with the epoch's log record, as one checkpoint (rundir.save), by
+    process 0. Refuses, with TrainingError, a state that is not finite: the last checkpoint stays
+    (every process checks: they hold the same state, so all of them stop)."""
     checkpoint = rundir.Checkpoint(
         epoch=record["epoch"],
         model=parts.model.state_dict(),
@@ -392,7 +481,10 @@ def save_checkpoint(run_dir: Path, parts: Parts, record: dict) -> None:
         record=record,
     )
     try:
-        rundir.save(run_dir, checkpoint)
+        if parts.process.master:
+            rundir.save(run_dir, checkpoint)
+        elif bad := rundir.nonfinite(checkpoint.to_dict()):
+            raise rundir.NonFiniteError(f"{bad} is not finite")
     except rundir.NonFiniteError as err:
         raise TrainingError(f"training diverged in epoch {record['epoch']}: {err}; {_kept(record['epoch'])}") from None
 
@@ -420,12 +512,14 @@ def load_state(run_dir, parts: Parts, device="cpu") -> int:
     return checkpoint.epoch
 
 
-def write_run_info(run_dir: Path, device: torch.device, seconds: float, images: int | None = None) -> None:
+def write_run_info(run_dir: Path, device: torch.device, seconds: float, images: int | None = None,
+                   processes: int = 1) -> None:
     """Where and how long the (last part of the) training ran, for the report; the throughput
     only when the images trained on are counted (`images`)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     info = {
         "device": str(device),
+        "processes": processes,  # torchrun's WORLD_SIZE; one device each
         "hardware": name,
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -50,6 +50,8 @@ def test_overrides_are_typed():
     (["episodes=-1"], "episodes must be >= 1, got -1"),
     (["episodes=0"], "episodes must be >= 1, got 0"),
     (["val_drawers=0,21"], "val_drawers must be drawers 1..20"),
+    (["precision=fp16"], "precision must be one of fp32, bf16, got 'fp16'"),
+    (["compile=maybe"], "compile expects bool, got 'maybe'"),
 ])
 def test_bad_overrides_raise_one_clear_error(overrides, words):
     with pytest.raises(ConfigError, match=re.escape(words)):
@@ -59,6 +61,14 @@ def test_bad_overrides_raise_one_clear_error(overrides, words):
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
 def test_device_names_that_validate(device):
     assert make_config("quick", [f"device={device}"]).device == device
+
+
+def test_precision_and_compile_are_off_until_measured():
+    for name in PRESETS:
+        cfg = make_config(name)
+        assert (cfg.precision, cfg.compile) == ("fp32", False), name
+    cfg = make_config("quick", ["precision=bf16", "compile=true"])
+    assert (cfg.precision, cfg.compile) == ("bf16", True)
 
 
 def test_zero_budgets_are_allowed_where_zero_skips():

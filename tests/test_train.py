@@ -1,8 +1,11 @@
 import json
+import os
+import sys
 
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import omnivae
 from fixtures import synthetic_omniglot
@@ -35,6 +38,8 @@ def changed(before, module):
     dict(content_regularizer="kl", style_regularizer="kl", group_size=1, batch_size=16, contrastive_weight=0.0),
     dict(content_regularizer="adversarial", style_regularizer="adversarial"),
     dict(style_adversary_weight=1.0, cross_weight=1.0, grouping="average"),
+    dict(precision="bf16", content_regularizer="adversarial", style_regularizer="adversarial", style_adversary_weight=1.0,
+         cross_weight=1.0),
 ])
 def test_one_step_changes_every_trained_weight(overrides):
     torch.manual_seed(0)
@@ -261,3 +266,80 @@ def test_resume_with_more_epochs_and_after_the_last_epoch(tmp_path, synthetic):
     assert [json.loads(line)["epoch"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2]
     with pytest.raises(ConfigError, match="epochs=1 is fewer than the 2 epochs"):
         train(None, run, dataset=synthetic, progress=False, resume=True, epochs=1)
+
+
+class DeviceWaits(TorchDispatchMode):
+    """Records the operations that make the host wait for a CUDA device, seen on the CPU: a tensor
+    read as a Python number (_local_scalar_dense: item, float, bool), outputs whose size depends on
+    values (nonzero, masked_select, boolean-mask indexing) and tensors made from host data
+    (lift_fresh: torch.tensor or as_tensor of a NumPy array, a copy from pageable memory on CUDA)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        masks = [a for a in (args[1] if name in ("index", "index_put", "index_put_") else [])
+                 if isinstance(a, torch.Tensor) and a.dtype == torch.bool]
+        if name in ("_local_scalar_dense", "nonzero", "masked_select", "lift_fresh") or masks:
+            if not _in_optimizer():  # Adam reads its step counts, which stay on the host on CUDA too
+                self.found.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _in_optimizer() -> bool:
+    frame = sys._getframe()
+    while frame is not None:
+        if os.path.join("torch", "optim") in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_a_training_epoch_never_waits_for_the_device(synthetic):
+    """No step of train_epoch makes the host wait for the device: the batches' indices are on the
+    device before the epoch, rotations gather, losses avoid boolean masks, the terms stay on the
+    device (read once, at the end of the epoch)."""
+    from omnivae import distributed
+    from omnivae.train import EpochTotals, epoch_plan, lr_schedule, train_epoch
+
+    cfg = tiny_config(rotations=True, content_regularizer="adversarial", style_adversary_weight=1.0, cross_weight=1.0,
+                      contrastive_weight=1.0)
+    _, label = np.unique(synthetic.character, return_inverse=True)
+    parts = build_parts(cfg, 32, torch.device("cpu"))
+    plan = epoch_plan(cfg, synthetic.character, 0, distributed.Process())[:3]  # (3, 16)
+    schedule = lr_schedule(cfg, parts.optimizer, 10)
+    images, label = synthetic.tensors(), torch.as_tensor(label)
+    reads = []
+    real_means = EpochTotals.means
+
+    def means(self, epoch):  # the end of the epoch: reading the sums is the point
+        reads.extend(waits.found)
+        waits.found.clear()
+        return real_means(self, epoch)
+
+    EpochTotals.means = means
+    try:
+        with DeviceWaits() as waits:
+            terms = train_epoch(parts, cfg, images, label, plan, 0, schedule, progress=False)
+    finally:
+        EpochTotals.means = real_means
+    assert reads == [] and np.isfinite(list(terms.values())).all()
+
+
+def test_compiled_training_matches_plain_training(tmp_path, synthetic, monkeypatch):
+    """compile=true trains the same weights (dynamo's eager backend: the graph capture is tested,
+    not the generated code), and the checkpoint holds the module's own names."""
+    import functools
+
+    compiled = []
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module: compiled.append(module) or real(module, backend="eager"))
+    plain = train(tiny_config(rotations=True), tmp_path / "plain", dataset=synthetic, progress=False)
+    fast = train(tiny_config(rotations=True, compile=True), tmp_path / "fast", dataset=synthetic, progress=False)
+    assert len(compiled) == 1 and isinstance(compiled[0], omnivae.StructuredVAE)
+    a, b = omnivae.load(plain).state_dict(), omnivae.load(fast).state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], msg=key)
