@@ -12,6 +12,11 @@ run folder (see omnivae.rundir: config, checkpoint, weights, log, metrics), so `
 `omnivae report` work on them too. `--quick-eval` measures only the code-structure metrics
 (few-shot, clustering, prior match; no likelihood, swap or figures), for sweeps.
 The table is what the script printed: mean and spread (sample standard deviation) over seeds.
+
+`--jobs N` runs N at a time, each on its own device: job k on GPU k mod (visible GPUs), round robin;
+the CPU cores are split between the jobs (`--threads` per job). Run the same command again to
+finish a sweep that stopped: finished runs (metrics written) are skipped, stopped ones resume from
+their checkpoint.
 """
 from __future__ import annotations
 
@@ -56,6 +61,8 @@ def one_run(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(job["threads"])
+    if job["gpu"] is not None:
+        torch.cuda.set_device(job["gpu"])  # device "auto" (the config's) then means this GPU
     from omnivae import rundir
     from omnivae.config import make_config
     from omnivae.evaluate import evaluate
@@ -67,7 +74,8 @@ def one_run(job: dict) -> dict:
         cfg = make_config(job["preset"], {**job["overrides"], "seed": job["seed"], "epochs": job["epochs"],
                                           "val_holdout": holdout})
         # A stopped run goes on from its checkpoint; a finished one is left as it is.
-        train(cfg, run_dir, job["data_dir"], job["cache_dir"], progress=False, resume=rundir.is_trained(run_dir))
+        train(cfg, run_dir, job["data_dir"], job["cache_dir"], progress=False, resume=rundir.is_trained(run_dir),
+              epochs=cfg.epochs)
         if job["quick"]:
             quick_metrics(run_dir, job["data_dir"], job["cache_dir"], job["split"])
         else:
@@ -76,6 +84,14 @@ def one_run(job: dict) -> dict:
     result = rundir.read_metrics(run_dir)
     result["train_seconds"] = rundir.read_run_info(run_dir)["train_seconds"]
     return {"variant": job["variant"], "seed": job["seed"], **result}
+
+
+def _visible_gpus() -> int:
+    """CUDA devices this process sees (CUDA_VISIBLE_DEVICES applies). The jobs' processes are
+    spawned, not forked, so asking here leaves their CUDA alone."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -112,7 +128,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, required=True, help="same budget for every run")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
-    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="torch threads per run")
+    p.add_argument("--threads", type=int, help="torch threads per run (default: the CPU cores split between the jobs)")
     p.add_argument("--quick-eval", action="store_true", help="code-structure metrics only")
     p.add_argument("--split", choices=("validation", "evaluation"), default="validation",
                    help="validation (default): train without the validation alphabets and score on them; "
@@ -125,13 +141,16 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir")
     args = p.parse_args(argv)
 
+    gpus = _visible_gpus()
+    threads = args.threads or max(1, (os.cpu_count() or 2) // args.jobs)
     jobs = []
     for text in args.variant:
         name, overrides = parse_variant(text)
         for seed in args.seeds:
             jobs.append(dict(variant=name, seed=seed, overrides=overrides, preset=args.preset, epochs=args.epochs,
-                             run_dir=str(args.out / (f"{name}_seed{seed}" + ("_final" if args.split == "evaluation" else ""))), threads=args.threads, quick=args.quick_eval,
-                             split=args.split, nll_k=args.nll_k, nll_images=args.nll_images, swap_pairs=args.swap_pairs, data_dir=args.data_dir, cache_dir=args.cache_dir))
+                             run_dir=str(args.out / (f"{name}_seed{seed}" + ("_final" if args.split == "evaluation" else ""))), threads=threads, quick=args.quick_eval,
+                             split=args.split, nll_k=args.nll_k, nll_images=args.nll_images, swap_pairs=args.swap_pairs, data_dir=args.data_dir, cache_dir=args.cache_dir,
+                             gpu=len(jobs) % gpus if gpus else None))
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     rows = []

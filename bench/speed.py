@@ -1,18 +1,22 @@
 """Speed of the data path, the training loop and evaluation on this machine.
 
-    python bench/speed.py [--run RUN_DIR] [--steps 60]
+    python bench/speed.py [--run RUN_DIR] [--steps 60] [--device cuda] [--set precision=bf16 ...]
 
 Prints:
 - first decode and cached load time of the background and evaluation sets (28 px);
-- training images per second of the project's `train_step` with the `default` preset's
-  model and grouped batch, next to a minimal hand-written PyTorch loop of the same network,
-  the same batch and the same loss terms, measured in the same run, alternating rounds;
+- training images per second of the project's training loop (`train_epoch`: batches gathered
+  from the training set on the device, turned, one update each, loss terms kept on the device)
+  with the `default` preset's model and grouped batch, next to a minimal hand-written PyTorch
+  loop of the same network, the same batches, turns and loss terms, measured in the same run,
+  alternating rounds; `--set` changes the preset for both (precision=bf16 autocasts both,
+  compile=true compiles both models);
+- on CUDA, how many times the loop made the host wait for the GPU (sync debug mode);
 - with --run, wall time of `evaluate` on that run with and without the k=1000 likelihood.
 """
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 import platform
 import tempfile
 import time
@@ -23,7 +27,8 @@ import torch.nn.functional as F
 
 from omnivae import data
 from omnivae.config import make_config
-from omnivae.train import batches, build_parts, cpu_name, train_step
+from omnivae.distributed import Process
+from omnivae.train import build_parts, cpu_name, epoch_plan, lr_schedule, train_epoch, wrap
 
 
 def time_data() -> None:
@@ -40,6 +45,14 @@ def time_data() -> None:
 
 def minimal_step(model, optimizer, x, label, cfg) -> None:
     """The same objective as `default`, written out by hand with no helpers."""
+    with torch.autocast(x.device.type, torch.bfloat16) if cfg.precision == "bf16" else contextlib.nullcontext():
+        loss = minimal_loss(model, x, label, cfg)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def minimal_loss(model, x, label, cfg) -> torch.Tensor:
     q = model.posterior(x)
     M = cfg.group_size
     precision = (-q.content_logvar).exp().view(-1, M, cfg.content_dim)  # (G, M, Dc)
@@ -55,46 +68,81 @@ def minimal_step(model, optimizer, x, label, cfg) -> None:
     d2 = torch.cdist(both, both).pow(2)
     k = sum(2 * cfg.content_dim * s / (2 * cfg.content_dim * s + d2) for s in (0.1, 0.2, 0.5, 1, 2, 5, 10))
     n = len(group_mean)
-    off = 1 - torch.eye(n)
+    off = 1 - torch.eye(n, device=both.device)
     mmd = (k[:n, :n] * off).sum() / (n * (n - 1)) + (k[n:, n:] * off).sum() / (n * (n - 1)) - 2 * k[:n, n:].mean()
     kl_style = 0.5 * (q.style_mean.pow(2) + q.style_logvar.exp() - q.style_logvar - 1).sum(1).mean()
     z = F.normalize(q.content_mean, dim=1)
-    sim = (z @ z.T / cfg.temperature).masked_fill(torch.eye(len(z), dtype=torch.bool), float("-inf"))
-    positives = (label[:, None] == label[None, :]) & ~torch.eye(len(z), dtype=torch.bool)
+    eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    sim = (z @ z.T / cfg.temperature).masked_fill(eye, float("-inf"))
+    positives = (label[:, None] == label[None, :]) & ~eye
     log_prob = sim - sim.logsumexp(1, keepdim=True)
     supcon = (-log_prob.masked_fill(~positives, 0).sum(1) / positives.sum(1)).mean()
-    loss = recon + cfg.content_weight * mmd + cfg.style_weight * kl_style + cfg.contrastive_weight * supcon
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    return recon + cfg.content_weight * mmd + cfg.style_weight * kl_style + cfg.contrastive_weight * supcon
 
 
-def time_training(steps: int, rounds: int = 3) -> None:
-    cfg = make_config("default", {"device": "cpu"})
+def minimal_loop(model, optimizer, images, label, plan, cfg) -> None:
+    """Gather each batch, turn each group a random quarter turn (a new character), one step."""
+    M = cfg.group_size
+    for idx in plan:
+        x, y = images[idx], label[idx]
+        turns = torch.randint(0, 4, (len(idx) // M,), device=idx.device).repeat_interleave(M)  # (B,)
+        x = torch.stack([torch.rot90(x, k, dims=(2, 3)) for k in range(4)], 1)[torch.arange(len(x), device=x.device), turns]
+        minimal_step(model, optimizer, x, y * 4 + turns, cfg)
+
+
+def time_training(steps: int, device: torch.device, overrides: list[str], rounds: int = 3) -> None:
+    cfg = make_config("default", ["device=" + str(device), *overrides])
     background = data.load_set("background", 28, progress=False)
-    images = background.tensors()
-    _, label = np.unique(background.character, return_inverse=True)
-    label = torch.as_tensor(label)
-    plan = batches(cfg, background.character, 0)[: steps + 5]
-    ours = build_parts(cfg, int(label.max()) + 1, torch.device("cpu"))
-    theirs = build_parts(cfg, int(label.max()) + 1, torch.device("cpu"))
-    rates = {"omnivae train_step": [], "hand-written loop": []}
+    images = background.tensors().to(device)  # (N, 1, S, S)
+    classes, label = np.unique(background.character, return_inverse=True)
+    label = torch.as_tensor(label, device=device)
+    process = Process(device=device)
+    plan = epoch_plan(cfg, background.character, 0, process)[: steps + 3]  # (steps + 3, B) on the device
+    ours = build_parts(cfg, 4 * len(classes), device)
+    wrap(ours, cfg, process)
+    schedule = lr_schedule(cfg, ours.optimizer, 10**6)
+    theirs = build_parts(cfg, 4 * len(classes), device)
+    hand_model = torch.compile(theirs.model) if cfg.compile else theirs.model
+    rates = {"omnivae train loop": [], "hand-written loop": []}
 
     def run(fn, name):
-        for idx in plan[:3]:  # warm-up
-            fn(torch.as_tensor(idx))
+        fn(plan[:3])  # warm-up (and compilation)
+        _wait(device)
         start = time.perf_counter()
-        for idx in plan[3 : 3 + steps]:
-            fn(torch.as_tensor(idx))
-        rates[name].append(steps * len(plan[0]) / (time.perf_counter() - start))
+        fn(plan[3 : 3 + steps])
+        _wait(device)
+        rates[name].append(steps * plan.shape[1] / (time.perf_counter() - start))
 
     for _ in range(rounds):
-        run(lambda i: train_step(ours, cfg, images[i], label[i]), "omnivae train_step")
-        run(lambda i: minimal_step(theirs.model, theirs.optimizer, images[i], label[i], cfg), "hand-written loop")
+        run(lambda rows: train_epoch(ours, cfg, images, label, rows, 0, schedule, progress=False), "omnivae train loop")
+        run(lambda rows: minimal_loop(hand_model, theirs.optimizer, images, label, rows, cfg), "hand-written loop")
+    settings = f"batch {plan.shape[1]}, {device}, precision={cfg.precision}, compile={cfg.compile}"
     for name, values in rates.items():
-        print(f"train  {name:20s}: {np.median(values):7.1f} images/s (median of {rounds} rounds of {steps} steps, batch {len(plan[0])})")
-    ratio = np.median(rates["omnivae train_step"]) / np.median(rates["hand-written loop"])
+        print(f"train  {name:20s}: {np.median(values):7.1f} images/s (median of {rounds} rounds of {steps} steps, {settings})")
+    ratio = np.median(rates["omnivae train loop"]) / np.median(rates["hand-written loop"])
     print(f"train  ratio omnivae / hand-written: {ratio:.3f} (target >= 0.95)")
+    if device.type == "cuda":
+        print(f"train  host waits in {steps} steps of the loop: {count_host_waits(ours, cfg, images, label, plan[3 : 3 + steps], schedule)} "
+              "(2 expected: the epoch's sums, read once at its end)")
+
+
+def count_host_waits(parts, cfg, images, label, plan, schedule) -> int:
+    """How many times CUDA's sync debug mode saw the host wait for the GPU during the loop."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train_epoch(parts, cfg, images, label, plan, 0, schedule, progress=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def _wait(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def time_evaluate(run_dir: str) -> None:
@@ -111,11 +159,18 @@ def main() -> None:
     p.add_argument("--run", help="a trained run folder to time `evaluate` on")
     p.add_argument("--steps", type=int, default=60, help="timed training steps per round")
     p.add_argument("--skip-data", action="store_true")
+    p.add_argument("--skip-training", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="change the default preset for both loops (precision=bf16, compile=true)")
     args = p.parse_args()
-    print(f"machine: {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.python_version()}")
+    device = torch.device(args.device)
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    print(f"machine: {hardware}, torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.python_version()}")
     if not args.skip_data:
         time_data()
-    time_training(args.steps)
+    if not args.skip_training:
+        time_training(args.steps, device, args.overrides)
     if args.run:
         time_evaluate(args.run)
 
