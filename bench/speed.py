@@ -158,6 +158,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", help="a trained run folder to time `evaluate` on")
     p.add_argument("--steps", type=int, default=60, help="timed training steps per round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of each loop, alternating (the median is printed)")
     p.add_argument("--skip-data", action="store_true")
     p.add_argument("--skip-training", action="store_true")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -170,7 +171,7 @@ def main() -> None:
     if not args.skip_data:
         time_data()
     if not args.skip_training:
-        time_training(args.steps, device, args.overrides)
+        time_training(args.steps, device, args.overrides, args.rounds)
     if args.run:
         time_evaluate(args.run)
 
