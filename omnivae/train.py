@@ -419,7 +419,7 @@ def _train(cfg: Config, run_dir: Path, data_dir, cache_dir, resume: bool, progre
     if start >= cfg.epochs:  # nothing left to train; the run info keeps the timing of the training that ran
         if process.master and rundir.read_run_info(run_dir) is None:  # stopped after its last checkpoint: the log holds the timing
             seconds = sum(record.get("seconds", 0.0) for record in rundir.read_log(run_dir))
-            write_run_info(run_dir, resolve_device(cfg.device), seconds, processes=process.world_size)
+            write_run_info(run_dir, process.device, seconds, processes=process.world_size)
         return run_dir
     seed_everything(cfg.seed)
     device = process.device
