@@ -52,6 +52,8 @@ class Config:
     style_adversary_weight: float = 0.0  # gradient-reversal character classifier on the style code
     cross_weight: float = 0.0  # cross-reconstruction: content of one drawing, style of another of the same character
     rotations: bool = False  # characters turned by 90, 180, 270 degrees count as new training characters
+    augment: float = 0.0  # strength of random affine and stroke-width distortions of each training drawing; 0 turns them off, 1 is Koch et al.'s ranges
+    binarize: bool = False  # train on dynamically binarised drawings (a fresh Bernoulli draw of each pixel every time), as the likelihood is scored
     # --- adversarial regulariser (adversarial autoencoder)
     disc_hidden: int = 256  # width of the discriminator's hidden layers
     disc_lr: float = 2e-4  # learning rate of the discriminator

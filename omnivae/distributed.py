@@ -71,6 +71,10 @@ class Process:
         is the same whatever the number of processes. One process: `torch.randn(rows, dim)`."""
         return self.share(torch.randn(rows * self.world_size, dim, device=device))
 
+    def rand(self, rows: int, dim: int, device) -> torch.Tensor:
+        """(rows, dim) U(0, 1) draws for this process's rows, drawn as `randn` is."""
+        return self.share(torch.rand(rows * self.world_size, dim, device=device))
+
     def randint(self, high: int, rows: int, device) -> torch.Tensor:
         """(rows,) integers in [0, high) for this process's rows, drawn as `randn` is."""
         return self.share(torch.randint(0, high, (rows * self.world_size,), device=device))

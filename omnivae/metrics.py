@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import augment
 from .losses import gaussian_kl, mmd
 
 # ---------------------------------------------------------------------------------------------
@@ -890,16 +891,8 @@ def augment_drawings(images: torch.Tensor, generator: torch.Generator) -> torch.
     angle = uniform(-math.pi / 18, math.pi / 18)  # (B,) within 10 degrees
     scale, shear = uniform(0.9, 1.1), uniform(-0.1, 0.1)  # (B,)
     shift = uniform(-0.1, 0.1, 2)  # (B, 2) in grid units, where the side spans 2: 5% of it
-    cos, sin = angle.cos() / scale, angle.sin() / scale
-    theta = torch.stack([torch.stack([cos, -sin + shear * cos, shift[:, 0]], 1),
-                         torch.stack([sin, cos + shear * sin, shift[:, 1]], 1)], 1)  # (B, 2, 3) output -> input
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)  # (B, S, S, 2)
-    x = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B, 1, S, S)
-
-    width = uniform(-0.5, 1.0).view(b, 1, 1, 1)  # > 0 thicker, < 0 thinner
-    thicker = F.max_pool2d(x, 3, 1, 1)
-    thinner = -F.max_pool2d(-x, 3, 1, 1)
-    x = torch.where(width > 0, x + width * (thicker - x), x - width * (thinner - x))
+    x = augment.affine(images, angle, scale, shear, shift)  # (B, 1, S, S)
+    x = augment.stroke_width(x, uniform(-0.5, 1.0))  # > 0 thicker, < 0 thinner
 
     sigma = uniform(0.0, 1.0).clamp_min(1e-3) * side / 28  # (B,) pixels
     radius = max(1, math.ceil(2 * side / 28))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import data as omni_data
-from . import distributed, rundir
+from . import augment, distributed, rundir
 from .config import Config, ConfigError
 from .losses import (
     REGULARIZERS,
@@ -355,6 +355,10 @@ def train_epoch(parts: Parts, cfg: Config, images: torch.Tensor, label: torch.Te
         if cfg.rotations:
             turns = parts.process.randint(4, len(idx) // cfg.group_size, idx.device)  # drawn as the global batch's
             x, y = rotate_as_new_characters(x, y, cfg.group_size, turns)
+        if cfg.augment > 0:  # each drawing its own distortion
+            x = augment.distort(x, parts.process.rand(len(x), 6, x.device), cfg.augment)
+        if cfg.binarize:
+            x = augment.binarize(x, parts.process.rand(len(x), x[0].numel(), x.device))
         terms = update(parts, cfg, x, y, ramp)
         schedule.step()
         totals.add(i, terms)

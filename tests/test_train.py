@@ -305,7 +305,7 @@ def test_a_training_epoch_never_waits_for_the_device(synthetic):
     from omnivae.train import EpochTotals, epoch_plan, lr_schedule, train_epoch
 
     cfg = tiny_config(rotations=True, content_regularizer="adversarial", style_adversary_weight=1.0, cross_weight=1.0,
-                      contrastive_weight=1.0)
+                      contrastive_weight=1.0, augment=1.0, binarize=True)
     _, label = np.unique(synthetic.character, return_inverse=True)
     parts = build_parts(cfg, 32, torch.device("cpu"))
     plan = epoch_plan(cfg, synthetic.character, 0, distributed.Process())[:3]  # (3, 16)

@@ -1,0 +1,63 @@
+"""Random changes of drawings: affine distortions, stroke width, dynamic binarisation.
+
+Every function takes its random amounts as tensors, so the caller decides where they come from
+(a CPU generator for the swap judge, the global batch's stream under torchrun for training).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# Ranges of the training distortions at augment=1, those of Koch et al. 2015 ("Siamese Neural
+# Networks for One-shot Image Recognition", section 4.3) at 105 px: rotation within 10 degrees,
+# shear within 0.3, scale 0.8-1.2 and a shift within 2 of 105 pixels, scaled to the side.
+DISTORTION = dict(angle=math.pi / 18, shear=0.3, scale=0.2, shift=2 / 105 * 2)  # shift in grid units (the side spans 2)
+
+
+def affine(images: torch.Tensor, angle: torch.Tensor, scale: torch.Tensor, shear: torch.Tensor,
+           shift: torch.Tensor) -> torch.Tensor:
+    """Each image turned by `angle` (radians), scaled by `scale`, sheared by `shear` and shifted by
+    `shift` (grid units: the side spans 2), resampled bilinearly with zeros outside
+    (`F.affine_grid` / `F.grid_sample`). images: (B, 1, S, S); angle, scale, shear: (B,); shift: (B, 2)."""
+    cos, sin = angle.cos() / scale, angle.sin() / scale
+    theta = torch.stack([torch.stack([cos, -sin + shear * cos, shift[:, 0]], 1),
+                         torch.stack([sin, cos + shear * sin, shift[:, 1]], 1)], 1)  # (B, 2, 3) output -> input
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)  # (B, S, S, 2)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def stroke_width(images: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
+    """Strokes made thicker (width > 0: a blend of that weight towards a 3x3 max-pooling) or
+    thinner (width < 0: towards a 3x3 min-pooling). images: (B, 1, S, S); width: (B,) in [-1, 1]."""
+    width = width.view(-1, 1, 1, 1)
+    thicker = F.max_pool2d(images, 3, 1, 1)
+    thinner = -F.max_pool2d(-images, 3, 1, 1)
+    return torch.where(width > 0, images + width * (thicker - images), images - width * (thinner - images))
+
+
+def distort(images: torch.Tensor, uniform: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """Training distortions as extra drawings (Koch et al. 2015; Lake et al. 2015 use the same
+    kind): per image an affine change within `DISTORTION` times `strength`, then a stroke-width
+    change, thicker up to a full 3x3 dilation or thinner up to half an erosion, times `strength`.
+
+    images: (B, 1, S, S) in [0, 1]; uniform: (B, 6) U(0, 1) draws (angle, scale, shear, shift x,
+    shift y, width). strength 0 returns the images unchanged. Returns (B, 1, S, S) in [0, 1].
+    """
+    if strength == 0:
+        return images
+    u = 2 * uniform.to(images.dtype) - 1  # (B, 6) in [-1, 1]
+    s = strength
+    x = affine(images, u[:, 0] * s * DISTORTION["angle"], 1 + u[:, 1] * s * DISTORTION["scale"],
+               u[:, 2] * s * DISTORTION["shear"], u[:, 3:5] * s * DISTORTION["shift"])
+    width = torch.where(u[:, 5] > 0, u[:, 5], 0.5 * u[:, 5]) * min(s, 1.0)  # (B,) thicker up to 1, thinner up to 0.5
+    return stroke_width(x, width).clamp(0.0, 1.0)
+
+
+def binarize(images: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Dynamic binarisation: each pixel is 1 with probability its grey level, a fresh draw each
+    time a drawing is used (as the likelihood literature on Omniglot trains, e.g. Burda et al.
+    2016, "Importance Weighted Autoencoders"). images: (B, 1, S, S) in [0, 1]; uniform: U(0, 1)
+    draws of the same number of elements."""
+    return (uniform.view_as(images) < images).to(images.dtype)

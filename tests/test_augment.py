@@ -1,0 +1,88 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fixtures import synthetic_omniglot
+from omnivae import augment, distributed
+from omnivae.config import make_config
+from omnivae.train import build_parts, epoch_plan, lr_schedule, train_epoch
+
+
+def drawings(n=4, side=28, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(n, 1, side, side)
+    x[:, :, 8:20, 12:15] = torch.rand(n, 1, 12, 3, generator=g)  # a grey vertical stroke, away from the border
+    return x
+
+
+def test_middle_draws_leave_drawings_unchanged():
+    x = drawings()
+    assert torch.allclose(augment.distort(x, torch.full((4, 6), 0.5)), x, atol=1e-6)
+    assert augment.distort(x, torch.rand(4, 6), strength=0.0) is x
+
+
+def test_affine_quarter_turn_and_shift_are_exact():
+    x = drawings()
+    zero, one = torch.zeros(4), torch.ones(4)
+    turned = augment.affine(x, torch.full((4,), math.pi / 2), one, zero, torch.zeros(4, 2))
+    assert any(torch.allclose(turned, torch.rot90(x, k, dims=(2, 3)), atol=1e-5) for k in (1, 3))
+    assert not torch.allclose(turned, x, atol=1e-3)
+    shifted = augment.affine(x, zero, one, zero, torch.tensor([[2 * 2 / 28, 0.0]] * 4))  # 2 pixels along the width
+    assert torch.allclose(shifted[..., :-2], x[..., 2:], atol=1e-5) or torch.allclose(shifted[..., 2:], x[..., :-2], atol=1e-5)
+
+
+def test_stroke_width_ends_are_dilation_and_erosion():
+    x = drawings()
+    thick = augment.stroke_width(x, torch.ones(4))
+    thin = augment.stroke_width(x, -torch.ones(4))
+    assert torch.equal(thick, torch.nn.functional.max_pool2d(x, 3, 1, 1))
+    assert torch.equal(thin, -torch.nn.functional.max_pool2d(-x, 3, 1, 1))
+    assert thick.sum() > x.sum() > thin.sum()
+
+
+def test_distortions_stay_within_their_ranges():
+    x = drawings(64)
+    out = augment.distort(x, torch.rand(64, 6, generator=torch.Generator().manual_seed(1)), strength=1.0)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    moved = (out - x).abs().flatten(1).sum(1)
+    assert (moved > 0).all()  # every drawing gets its own change
+    # the ink's centre moves by at most the shift and the scaled turn of a stroke near the centre: a few pixels
+    cols = torch.arange(28.0)
+    centre = lambda im: (im.sum((1, 2)) * cols).sum(-1) / im.sum((1, 2, 3)).clamp_min(1e-6)  # noqa: E731
+    assert (centre(out) - centre(x)).abs().max() < 4
+
+
+def test_dynamic_binarisation_is_a_fresh_bernoulli_draw():
+    x = torch.full((1, 1, 28, 28), 0.3)
+    x[..., :14] = 0.8
+    assert torch.equal(augment.binarize(x, torch.full_like(x, 0.5)), (x > 0.5).float())
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([augment.binarize(x, torch.rand(x.shape, generator=g)) for _ in range(2000)])
+    assert set(draws.unique().tolist()) == {0.0, 1.0}
+    assert torch.allclose(draws.mean(0), x, atol=0.06)
+
+
+@pytest.mark.parametrize("overrides", [dict(augment=1.0), dict(binarize=True)])
+def test_training_sees_the_changed_drawings(overrides, monkeypatch):
+    """train_epoch hands `update` distorted or binarised drawings, not the stored ones."""
+    synthetic = synthetic_omniglot()
+    cfg = make_config("quick", dict(channels=4, hidden=32, content_dim=4, style_dim=2, groups=4, group_size=4,
+                                    epochs=1, rotations=False, device="cpu", **overrides))
+    _, label = np.unique(synthetic.character, return_inverse=True)
+    images, label = 0.2 + 0.6 * synthetic.tensors(), torch.as_tensor(label)  # grey levels, so binarising changes them
+    parts = build_parts(cfg, 32, torch.device("cpu"))
+    plan = epoch_plan(cfg, synthetic.character, 0, distributed.Process())[:2]
+    seen = []
+
+    def update(parts, cfg, x, y, ramp=1.0):
+        seen.append(x.clone())
+        return {"loss": torch.zeros(())}
+
+    monkeypatch.setattr("omnivae.train.update", update)
+    train_epoch(parts, cfg, images, label, plan, 0, lr_schedule(cfg, parts.optimizer, 10), progress=False)
+    stored = [images[idx] for idx in plan]
+    assert len(seen) == 2 and all(not torch.allclose(a, b, atol=1e-3) for a, b in zip(seen, stored))
+    if cfg.binarize:
+        assert all(set(x.unique().tolist()) <= {0.0, 1.0} for x in seen)
