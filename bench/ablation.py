@@ -35,8 +35,9 @@ from omnivae.registry import METRICS
 
 # The table's columns: metric keys, headed by their registry labels, then training time.
 COLUMNS = [(key, METRICS[key].label) for key in (
-    "content_20way_1shot", "content_5way_1shot", "style_20way_1shot", "content_kmeans_accuracy", "content_nmi",
-    "swap_consistency", "nll_iwae", "prior_mmd2_content", "prior_mmd2_style", "kl_total")]
+    "content_20way_1shot", "content_5way_1shot", "content_20way_5shot", "style_20way_1shot", "content_kmeans_accuracy",
+    "content_nmi", "content_alphabet_kmeans_accuracy", "classifier_accuracy", "recon_consistency", "swap_consistency",
+    "style_character_rate", "style_effect", "nll_iwae", "set_nll_5", "kl_content", "kl_style")]
 COLUMNS.append(("train_seconds", "train s"))  # from the run info, not a metric
 
 
