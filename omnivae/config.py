@@ -33,6 +33,7 @@ class Config:
     style_dim: int = 16  # size of the style code (how it was drawn)
     channels: int = 32  # width of the first conv layer; doubles at each downsampling
     hidden: int = 256  # width of the fully connected layer between conv stack and heads
+    encoder: str = "conv"  # conv (stride-2 blocks down to 8 px or less) | conv4 (four conv + max-pool blocks of 2 * channels filters)
     # --- batches: G characters x M drawings when group_size > 1, else plain shuffled batches
     batch_size: int = 128  # images per batch when group_size == 1
     groups: int = 32  # characters per batch (G) when group_size > 1
@@ -114,6 +115,7 @@ class Config:
             "mmd_kernel": ("imq", "rbf"),
             "match_codes": ("mean", "sample"),
             "grouping": ("product", "average"),
+            "encoder": ("conv", "conv4"),
             "precision": ("fp32", "bf16"),
             "image_size": IMAGE_SIZES,
             "data": ("omniglot", "folder"),

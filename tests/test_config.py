@@ -52,6 +52,7 @@ def test_overrides_are_typed():
     (["val_drawers=0,21"], "val_drawers must be drawers 1..20"),
     (["precision=fp16"], "precision must be one of fp32, bf16, got 'fp16'"),
     (["compile=maybe"], "compile expects bool, got 'maybe'"),
+    (["encoder=resnet"], "encoder must be one of conv, conv4, got 'resnet'"),
 ])
 def test_bad_overrides_raise_one_clear_error(overrides, words):
     with pytest.raises(ConfigError, match=re.escape(words)):
