@@ -33,6 +33,7 @@ class Config:
     style_dim: int = 16  # size of the style code (how it was drawn)
     channels: int = 32  # width of the first conv layer; doubles at each downsampling
     hidden: int = 256  # width of the fully connected layer between conv stack and heads
+    encoder: str = "conv"  # conv (stride-2 blocks down to 8 px or less) | conv4 (four conv + max-pool blocks of 2 * channels filters)
     # --- batches: G characters x M drawings when group_size > 1, else plain shuffled batches
     batch_size: int = 128  # images per batch when group_size == 1
     groups: int = 32  # characters per batch (G) when group_size > 1
@@ -49,6 +50,8 @@ class Config:
     # --- structure
     contrastive_weight: float = 0.0  # supervised contrastive term on content means; 0 turns it off
     temperature: float = 0.1  # temperature of the contrastive term
+    proto_weight: float = 0.0  # prototypical term on content means within each grouped batch; 0 turns it off
+    proto_temperature: float = 1.0  # the prototypical term's squared distances are divided by it (1: as Snell et al.)
     style_adversary_weight: float = 0.0  # gradient-reversal character classifier on the style code
     cross_weight: float = 0.0  # cross-reconstruction: content of one drawing, style of another of the same character
     rotations: bool = False  # characters turned by 90, 180, 270 degrees count as new training characters
@@ -116,6 +119,7 @@ class Config:
             "mmd_kernel": ("imq", "rbf"),
             "match_codes": ("mean", "sample"),
             "grouping": ("product", "average"),
+            "encoder": ("conv", "conv4"),
             "precision": ("fp32", "bf16"),
             "image_size": IMAGE_SIZES,
             "data": ("omniglot", "folder"),
@@ -137,7 +141,7 @@ class Config:
             value = getattr(self, key)
             if not math.isfinite(value):
                 raise ConfigError(f"{key} must be a finite number, got {value}")
-            if key in ("lr", "disc_lr", "temperature") and value <= 0:
+            if key in ("lr", "disc_lr", "temperature", "proto_temperature") and value <= 0:
                 raise ConfigError(f"{key} must be > 0, got {value}")
             if value < 0:
                 raise ConfigError(f"{key} must be >= 0, got {value}")
@@ -157,6 +161,9 @@ class Config:
             raise ConfigError(f"val_drawers must be drawers 1..20, got {self.val_drawers}")
         if self.group_size == 1 and (self.cross_weight > 0):
             raise ConfigError("cross_weight needs group_size > 1 (pairs of drawings of one character)")
+        if self.proto_weight > 0 and (self.group_size < 2 or self.groups < 2):
+            raise ConfigError("proto_weight needs group_size >= 2 and groups >= 2 (prototypes of several "
+                              "characters from drawings of each)")
 
 
 def _coerce(cls, key: str, value):

@@ -20,11 +20,12 @@ global batch:
   line with its checkpoint first, then every process reads it.
 
 So per-image terms (reconstruction, KL regularisers, cross-reconstruction, style adversary,
-adversarial regularisers) give the single-process update up to floating-point rounding. Two terms
+adversarial regularisers) give the single-process update up to floating-point rounding. Three terms
 are statistics of a whole batch and are computed per process, over its share: the MMD compares the
 share's codes with as many prior samples (an unbiased estimate of the same MMD, noisier as N grows),
-and the supervised contrastive term contrasts each drawing with the other drawings of its share
-only (positives stay complete since groups are never split; negatives are fewer). With those on,
+the supervised contrastive term contrasts each drawing with the other drawings of its share
+only (positives stay complete since groups are never split; negatives are fewer), and the prototypical
+term likewise sees only the prototypes of its share's groups. With those on,
 N processes train a slightly different objective; `tests/test_distributed.py` bounds the gap.
 """
 from __future__ import annotations

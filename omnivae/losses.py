@@ -210,3 +210,30 @@ def supervised_contrastive(embeddings: torch.Tensor, labels: torch.Tensor, tempe
     per_row = -log_prob.masked_fill(~positives, 0.0).sum(1) / count.clamp_min(1)  # (B,), 0 without positives
     has = count > 0  # a weighted mean rather than per_row[has]: boolean indexing would wait for the device
     return (per_row * has).sum() / has.sum()
+
+
+def prototypical(embeddings: torch.Tensor, group_size: int, temperature: float = 1.0) -> torch.Tensor:
+    """Episodic prototypical loss inside a grouped batch, with leave-one-out prototypes.
+
+    Rows come in G consecutive groups of M = `group_size` drawings of one character each. For
+    drawing i of group g, its own character's prototype leaves it out, c_g^(-i) = 1/(M-1)
+    sum_{j != i} z_gj, and every other character's is the mean of all its drawings,
+    c_h = 1/M sum_j z_hj. With d(i, h) = ||z_gi - c_h||^2 (c_g^(-i) for h = g):
+
+    L = mean_{g, i}  -log( exp(-d(i, g) / t) / sum_h exp(-d(i, h) / t) )
+
+    (Snell et al. 2017, "Prototypical Networks for Few-shot Learning", eq. 1-2, squared
+    Euclidean distance; the batch is the episode and each drawing is a query against the other
+    drawings as support, so its own character has M-1 supports and a drawing is never its own
+    support.) Mean over the batch's drawings. log(G) when every code is the same; 0 when the
+    characters lie far apart. embeddings: (G * M, D), group-major, M >= 2.
+    """
+    g = embeddings.shape[0] // group_size
+    z = embeddings.view(g, group_size, -1)  # (G, M, D)
+    sums = z.sum(1)  # (G, D)
+    distances = (z[:, :, None, :] - (sums / group_size)[None, None]).pow(2).sum(-1)  # (G, M, G) to every mean
+    own = (z - (sums[:, None] - z) / (group_size - 1)).pow(2).sum(-1)  # (G, M) to the leave-one-out prototype
+    is_own = torch.eye(g, dtype=torch.bool, device=z.device)[:, None, :]  # (G, 1, G)
+    distances = torch.where(is_own, own[:, :, None], distances)  # (G, M, G)
+    target = torch.arange(g, device=z.device).repeat_interleave(group_size)  # (G * M,) each row's own group
+    return F.cross_entropy(-distances.reshape(g * group_size, g) / temperature, target)

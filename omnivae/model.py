@@ -40,6 +40,7 @@ class ModelConfig:
     channels: int = 32  # width of the first conv layer; doubles at each downsampling
     hidden: int = 256  # width of the fully connected layer between conv stack and heads
     grouping: str = "product"  # how a group's content posteriors combine in forward: product | average
+    encoder: str = "conv"  # conv (stride-2 blocks down to 8 px or less) | conv4 (four conv + max-pool blocks)
 
     def __post_init__(self):
         for name in ("image_size", "content_dim", "style_dim", "channels", "hidden"):
@@ -47,6 +48,8 @@ class ModelConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.grouping not in GROUPINGS:
             raise ValueError(f"grouping must be one of {', '.join(GROUPINGS)}, got {self.grouping!r}")
+        if self.encoder not in ENCODERS:
+            raise ConfigError(f"encoder must be one of {', '.join(ENCODERS)}, got {self.encoder!r}")
 
     @classmethod
     def from_config(cls, cfg) -> "ModelConfig":
@@ -92,6 +95,52 @@ def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
+def conv_levels(config: "ModelConfig") -> tuple[list[int], list[int]]:
+    """Spatial sizes and channel widths of the `conv` encoder's levels; the decoder mirrors them
+    whatever the encoder. 28 px, 32 channels -> [28, 14, 7], [32, 64, 128]."""
+    sizes = feature_sizes(config.image_size)
+    return sizes, [config.channels * 2**i for i in range(len(sizes))]
+
+
+def conv_encoder(config: "ModelConfig") -> tuple[nn.Sequential, int]:
+    """The `conv` encoder: a stride-1 block, then a stride-2 block per further level of
+    `conv_levels`, the width doubling at each. Returns the stack and its flattened output size."""
+    sizes, widths = conv_levels(config)
+    layers = [_block(1, widths[0], 1)]
+    for i in range(1, len(sizes)):
+        layers.append(_block(widths[i - 1], widths[i], 2))
+    return nn.Sequential(*layers), widths[-1] * sizes[-1] ** 2
+
+
+def conv4_sizes(image_size: int) -> list[int]:
+    """Spatial sizes through the `conv4` encoder: four 2x2 max-pools, rounding down.
+    28 -> [28, 14, 7, 3, 1], 105 -> [105, 52, 26, 13, 6]."""
+    sizes = [image_size]
+    for _ in range(4):
+        sizes.append(sizes[-1] // 2)
+    return sizes
+
+
+def conv4_encoder(config: "ModelConfig") -> tuple[nn.Sequential, int]:
+    """The four-block encoder of few-shot learning (Vinyals et al. 2016, "Matching Networks for One
+    Shot Learning", section 4; Snell et al. 2017, "Prototypical Networks for Few-shot Learning",
+    section 3.2): four blocks of 3x3 conv, batch norm, ReLU and 2x2 max-pooling, each with
+    2 * channels filters, so the default 32 channels give the literature's 64. Returns the stack
+    and its flattened output size."""
+    width = 2 * config.channels
+    blocks = [
+        nn.Sequential(nn.Conv2d(cin, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+                      nn.MaxPool2d(2))
+        for cin in (1, width, width, width)
+    ]
+    return nn.Sequential(*blocks), width * conv4_sizes(config.image_size)[-1] ** 2
+
+
+# Encoders by name (ModelConfig.encoder): config -> (conv stack, its flattened output size).
+# The fully connected trunk and the two heads follow either.
+ENCODERS = {"conv": conv_encoder, "conv4": conv4_encoder}
+
+
 def _up_block(cin: int, cout: int, out_size: int, in_size: int) -> nn.Sequential:
     # ConvTranspose2d(k=3, s=2, p=1) maps n -> 2n - 1 + output_padding; choose it to hit out_size.
     pad = out_size - (2 * in_size - 1)
@@ -117,20 +166,17 @@ class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tag
         self.config = config
         self.image_size = config.image_size
         self.content_dim, self.style_dim = config.content_dim, config.style_dim
-        sizes = feature_sizes(config.image_size)
-        widths = [config.channels * 2**i for i in range(len(sizes))]  # channels per level
+        # The decoder's levels: the `conv` encoder's, whichever encoder is chosen.
+        sizes, widths = conv_levels(config)
         self.sizes, self.widths = sizes, widths
 
-        layers = [_block(1, widths[0], 1)]
-        for i in range(1, len(sizes)):
-            layers.append(_block(widths[i - 1], widths[i], 2))
-        self.features = nn.Sequential(*layers)
-        flat = widths[-1] * sizes[-1] ** 2
-        self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(flat, config.hidden), nn.ReLU(inplace=True))
+        self.features, encoded = ENCODERS[config.encoder](config)  # encoded: its flattened output size
+        self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(encoded, config.hidden), nn.ReLU(inplace=True))
         self.content_head = nn.Linear(config.hidden, 2 * config.content_dim)  # mean and logvar
         self.style_head = nn.Linear(config.hidden, 2 * config.style_dim)
 
         z_dim = config.content_dim + config.style_dim
+        flat = widths[-1] * sizes[-1] ** 2  # the decoder's first feature map, flattened
         self.expand = nn.Sequential(
             nn.Linear(z_dim, config.hidden), nn.ReLU(inplace=True), nn.Linear(config.hidden, flat), nn.ReLU(inplace=True)
         )

@@ -25,6 +25,7 @@ from .losses import (
     discriminator_loss,
     gaussian_kl,
     generator_loss,
+    prototypical,
     r1_penalty,
     supervised_contrastive,
 )
@@ -32,7 +33,7 @@ from .model import Discriminator, ModelConfig, Noise, StructuredVAE, StyleAdvers
 from .rundir import finished_epochs  # noqa: F401  (importable from here, as before rundir existed)
 
 PARTS = ("content", "style")
-SHOWN = ("recon", "content", "style", "contrastive")  # loss terms on the progress bar
+SHOWN = ("recon", "content", "style", "contrastive", "proto")  # loss terms on the progress bar
 SHOW_EVERY = 50  # steps between progress-bar updates (each reads numbers off the device)
 
 
@@ -185,6 +186,10 @@ def _loss(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, ramp:
     if cfg.contrastive_weight > 0:
         terms["contrastive"] = supervised_contrastive(out.drawing_content_mean, label, cfg.temperature)
         loss = loss + cfg.contrastive_weight * terms["contrastive"]
+    if cfg.proto_weight > 0:
+        # Each drawing against the prototypes of its group (itself left out) and of the other groups.
+        terms["proto"] = prototypical(out.drawing_content_mean, M, cfg.proto_temperature)
+        loss = loss + cfg.proto_weight * terms["proto"]
     if parts.style_adversary is not None:
         logits = parts.run("style_adversary")(out.style_mean, ramp)  # gradient reversal inside
         terms["style_adversary"] = F.cross_entropy(logits, label)

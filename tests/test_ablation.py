@@ -94,3 +94,19 @@ def test_jobs_get_devices_round_robin_and_split_the_cores(ablation, monkeypatch,
     seen.clear()
     module.main(["--out", str(tmp_path / "sweep"), "--epochs", "1", "--seeds", "0", "--jobs", "2", "--variant", "a:"])
     assert [j["gpu"] for j in seen] == [None] and seen[0]["threads"] == 4
+
+
+def test_named_variants_give_their_settings_and_build_valid_configs(ablation):
+    module, _ = ablation
+    from omnivae.config import make_config
+
+    assert module.parse_variant("conv4") == ("conv4", {"encoder": "conv4"})
+    assert module.parse_variant("proto_only") == ("proto_only", {"proto_weight": 10.0, "contrastive_weight": 0.0})
+    assert module.parse_variant("proto:proto_weight=3") == ("proto", {"proto_weight": "3"})  # given settings win
+    assert module.parse_variant("mine:encoder=conv4,lr=0.01") == ("mine", {"encoder": "conv4", "lr": "0.01"})
+    assert module.parse_variant("default") == ("default", {})  # the preset as it is
+    for name in module.VARIANTS:
+        cfg = make_config("default", module.parse_variant(name)[1])
+        assert cfg.encoder == ("conv4" if "conv4" in name else "conv")
+        assert cfg.proto_weight == (10.0 if "proto" in name else 0.0)
+        assert cfg.contrastive_weight == (0.0 if name == "proto_only" else 100.0)

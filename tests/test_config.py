@@ -52,6 +52,11 @@ def test_overrides_are_typed():
     (["val_drawers=0,21"], "val_drawers must be drawers 1..20"),
     (["precision=fp16"], "precision must be one of fp32, bf16, got 'fp16'"),
     (["compile=maybe"], "compile expects bool, got 'maybe'"),
+    (["encoder=resnet"], "encoder must be one of conv, conv4, got 'resnet'"),
+    (["proto_weight=-1"], "proto_weight must be >= 0, got -1.0"),
+    (["proto_temperature=0"], "proto_temperature must be > 0, got 0.0"),
+    (["proto_weight=1", "group_size=1"], "proto_weight needs group_size >= 2 and groups >= 2"),
+    (["proto_weight=1", "groups=1"], "proto_weight needs group_size >= 2 and groups >= 2"),
 ])
 def test_bad_overrides_raise_one_clear_error(overrides, words):
     with pytest.raises(ConfigError, match=re.escape(words)):
@@ -69,6 +74,14 @@ def test_precision_and_compile_are_off_until_measured():
         assert (cfg.precision, cfg.compile) == ("fp32", False), name
     cfg = make_config("quick", ["precision=bf16", "compile=true"])
     assert (cfg.precision, cfg.compile) == ("bf16", True)
+
+
+def test_presets_keep_the_conv_encoder_and_no_prototypical_term():
+    for name in PRESETS:
+        cfg = make_config(name)
+        assert (cfg.encoder, cfg.proto_weight) == ("conv", 0.0), name
+    cfg = make_config("default", ["encoder=conv4", "proto_weight=10", "proto_temperature=2"])
+    assert (cfg.encoder, cfg.proto_weight, cfg.proto_temperature) == ("conv4", 10.0, 2.0)
 
 
 def test_zero_budgets_are_allowed_where_zero_skips():

@@ -101,6 +101,53 @@ def test_supervised_contrastive_known_answers():
     assert losses.supervised_contrastive(mixed, labels, temperature=0.05).item() > 10
 
 
+def test_prototypical_known_answer_by_hand():
+    # G = 2 characters x M = 2 drawings, 1-D codes: group 0 = {0, 1}, group 1 = {1, 2}.
+    codes = torch.tensor([[0.0], [1.0], [1.0], [2.0]])
+
+    def row(own, other):  # -log softmax at the own prototype, from squared distances
+        return -math.log(math.exp(-own) / (math.exp(-own) + math.exp(-other)))
+
+    expected = (
+        row(own=(0 - 1) ** 2, other=(0 - 1.5) ** 2)  # 0: own prototype is the other drawing, 1; group 1's mean 1.5
+        + row(own=(1 - 0) ** 2, other=(1 - 1.5) ** 2)  # 1: own prototype 0
+        + row(own=(1 - 2) ** 2, other=(1 - 0.5) ** 2)  # 2: own prototype 2; group 0's mean 0.5
+        + row(own=(2 - 1) ** 2, other=(2 - 0.5) ** 2)  # 3: own prototype 1
+    ) / 4
+    assert losses.prototypical(codes, 2).item() == pytest.approx(expected, rel=1e-6)
+    # The temperature divides the squared distances.
+    halved = (row(1 / 2, 2.25 / 2) + row(1 / 2, 0.25 / 2)) / 2
+    assert losses.prototypical(codes, 2, temperature=2.0).item() == pytest.approx(halved, rel=1e-6)
+
+
+def test_prototypical_equal_codes_give_log_g_and_far_groups_give_zero():
+    assert losses.prototypical(torch.ones(12, 5), 3).item() == pytest.approx(math.log(4), rel=1e-6)
+    torch.manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [100.0, 0.0], [0.0, 100.0]]).repeat_interleave(4, 0)  # (12, 2)
+    assert losses.prototypical(centres + 0.1 * torch.randn(12, 2), 4).item() < 1e-6
+
+
+def test_prototypical_leaves_each_drawing_out_of_its_own_prototype():
+    # Group 0's two drawings lie far apart around group 1's: with itself in its prototype a drawing
+    # would tie (own mean 5 and group 1's mean 5 are equally far: log 2); left out, its own prototype
+    # is the other drawing, 100 away, and the other group's mean 25 away: a loss of about 75.
+    codes = torch.tensor([[0.0], [10.0], [4.9], [5.1]])
+    loss = losses.prototypical(codes, 2).item()
+    assert loss > 30
+    # Rows of group 1 are still right (own prototype 0.2 away, group 0's mean 0.1 away -> a little loss).
+    group_one = (math.log(1 + math.exp(0.2**2 - 0.1**2)) + math.log(1 + math.exp(0.2**2 - 0.1**2))) / 2
+    group_zero = math.log(1 + math.exp(100 - 25))  # = 75 + log(1 + e^-75)
+    assert loss == pytest.approx((group_zero + group_one) / 2, rel=1e-5)
+
+
+def test_prototypical_gradient_pulls_drawings_toward_their_own_character():
+    codes = torch.tensor([[0.0], [1.0], [1.0], [2.0]], requires_grad=True)
+    losses.prototypical(codes, 2).backward()
+    # Group 0 sits left of group 1 and they overlap: descent moves group 0 left and group 1 right.
+    step = -codes.grad.squeeze(1)
+    assert step[0] + step[1] < 0 < step[2] + step[3]
+
+
 def test_discriminator_and_generator_losses_known_values():
     zero = torch.zeros(10)
     assert losses.discriminator_loss(zero, zero).item() == pytest.approx(2 * math.log(2))

@@ -3,12 +3,13 @@ import socket
 
 import pytest
 import torch
+import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 import omnivae
 from fixtures import synthetic_omniglot
 from omnivae.config import ConfigError, make_config
-from omnivae.model import Discriminator, ModelConfig, StructuredVAE, StyleAdversary, feature_sizes
+from omnivae.model import Discriminator, ModelConfig, StructuredVAE, StyleAdversary, conv4_sizes, feature_sizes
 from omnivae.train import train
 
 
@@ -40,6 +41,115 @@ def test_feature_sizes():
     assert feature_sizes(28) == [28, 14, 7]
     assert feature_sizes(105) == [105, 53, 27, 14, 7]
     assert feature_sizes(64) == [64, 32, 16, 8]
+
+
+# The default model's state dict before the encoder became a choice: runs saved then must load.
+CONV_KEYS = {
+    **{f"features.{i}.{k}": shape for i, (cin, c) in enumerate([(1, 32), (32, 64), (64, 128)])
+       for k, shape in [("0.weight", (c, cin, 3, 3)), ("1.weight", (c,)), ("1.bias", (c,)), ("1.running_mean", (c,)),
+                        ("1.running_var", (c,)), ("1.num_batches_tracked", ())]},
+    "trunk.1.weight": (256, 6272), "trunk.1.bias": (256,),
+    "content_head.weight": (64, 256), "content_head.bias": (64,),
+    "style_head.weight": (32, 256), "style_head.bias": (32,),
+    "expand.0.weight": (256, 48), "expand.0.bias": (256,), "expand.2.weight": (6272, 256), "expand.2.bias": (6272,),
+    **{f"upsample.{i}.{k}": shape for i, (cin, c) in enumerate([(128, 64), (64, 32)])
+       for k, shape in [("0.weight", (cin, c, 3, 3)), ("1.weight", (c,)), ("1.bias", (c,)), ("1.running_mean", (c,)),
+                        ("1.running_var", (c,)), ("1.num_batches_tracked", ())]},
+    "to_logits.weight": (1, 32, 3, 3), "to_logits.bias": (1,),
+}
+
+
+def test_default_conv_encoder_keeps_its_state_dict():
+    state = StructuredVAE(ModelConfig()).state_dict()
+    assert ModelConfig().encoder == "conv"
+    assert list(state) == list(CONV_KEYS)
+    assert {k: tuple(v.shape) for k, v in state.items()} == CONV_KEYS
+
+
+class OldConvVAE(torch.nn.Module):
+    """The StructuredVAE's layers as they were built before `encoder` existed, in the same order."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        sizes = feature_sizes(c.image_size)
+        widths = [c.channels * 2**i for i in range(len(sizes))]
+
+        def block(cin, cout, stride):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+        self.features = nn.Sequential(block(1, widths[0], 1), *[block(widths[i - 1], widths[i], 2)
+                                                                for i in range(1, len(sizes))])
+        flat = widths[-1] * sizes[-1] ** 2
+        self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(flat, c.hidden), nn.ReLU())
+        self.content_head = nn.Linear(c.hidden, 2 * c.content_dim)
+        self.style_head = nn.Linear(c.hidden, 2 * c.style_dim)
+        self.expand = nn.Sequential(nn.Linear(c.content_dim + c.style_dim, c.hidden), nn.ReLU(),
+                                    nn.Linear(c.hidden, flat), nn.ReLU())
+        self.upsample = nn.Sequential(*[
+            nn.Sequential(nn.ConvTranspose2d(widths[i], widths[i - 1], 3, 2, 1, bias=False,
+                                             output_padding=sizes[i - 1] - (2 * sizes[i] - 1)),
+                          nn.BatchNorm2d(widths[i - 1]), nn.ReLU())
+            for i in range(len(sizes) - 1, 0, -1)])
+        self.to_logits = nn.Conv2d(widths[0], 1, 3, 1, 1)
+
+
+@pytest.mark.parametrize("size", [28, 105])
+def test_conv_encoder_is_bit_for_bit_the_old_model(size):
+    config = small(image_size=size)
+    torch.manual_seed(0)
+    old = OldConvVAE(config).eval()
+    torch.manual_seed(0)
+    new = StructuredVAE(config).eval()
+    assert_same_state(old, new)
+    x = torch.rand(3, 1, size, size)
+    with torch.no_grad():
+        h = old.trunk(old.features(x))
+        q = new.posterior(x)
+        torch.testing.assert_close(q.content_mean, old.content_head(h).chunk(2, 1)[0], rtol=0, atol=0)
+        torch.testing.assert_close(q.style_mean, old.style_head(h).chunk(2, 1)[0], rtol=0, atol=0)
+        z = torch.randn(3, config.content_dim + config.style_dim)
+        sizes, widths = feature_sizes(size), [config.channels * 2**i for i in range(len(feature_sizes(size)))]
+        h = old.expand(z).view(-1, widths[-1], sizes[-1], sizes[-1])
+        logits = new.decode_logits(z[:, : config.content_dim], z[:, config.content_dim :])
+        torch.testing.assert_close(logits, old.to_logits(old.upsample(h)), rtol=0, atol=0)
+
+
+def test_conv4_sizes():
+    assert conv4_sizes(28) == [28, 14, 7, 3, 1]
+    assert conv4_sizes(32) == [32, 16, 8, 4, 2]
+    assert conv4_sizes(64) == [64, 32, 16, 8, 4]
+    assert conv4_sizes(105) == [105, 52, 26, 13, 6]
+
+
+@pytest.mark.parametrize("size, side", [(28, 1), (32, 2), (64, 4), (105, 6)])
+def test_conv4_encoder_shapes_at_every_image_size(size, side):
+    model = StructuredVAE(small(image_size=size, encoder="conv4"))
+    x = torch.rand(2, 1, size, size)
+    features = model.features(x)
+    assert features.shape == (2, 8, side, side)  # 2 * channels filters after four 2x2 max-pools
+    assert len(model.features) == 4 and all(isinstance(b[3], nn.MaxPool2d) for b in model.features)
+    assert model.trunk[1].in_features == 8 * side * side
+    out = model(x, group_size=2)
+    assert out.logits.shape == x.shape
+    assert out.content_mean.shape == (2, 6) and out.style.shape == (2, 3)
+
+
+def test_default_width_of_conv4_is_the_literatures_64():
+    model = StructuredVAE(ModelConfig(encoder="conv4"))
+    assert [block[0].out_channels for block in model.features] == [64, 64, 64, 64]
+    assert model.trunk[1].in_features == 64  # 28 -> 14 -> 7 -> 3 -> 1
+
+
+def test_the_decoder_does_not_depend_on_the_encoder():
+    conv, conv4 = StructuredVAE(small()).state_dict(), StructuredVAE(small(encoder="conv4")).state_dict()
+    decoder = [k for k in conv if k.split(".")[0] in ("expand", "upsample", "to_logits")]
+    assert decoder and {k: conv[k].shape for k in decoder} == {k: conv4[k].shape for k in decoder}
+    assert conv["features.0.0.weight"].shape != conv4["features.0.0.weight"].shape
+
+
+def test_unknown_encoder_is_one_clear_error():
+    with pytest.raises(ConfigError, match="encoder must be one of conv, conv4, got 'resnet'"):
+        ModelConfig(encoder="resnet")
 
 
 def test_grouped_forward_shares_content_within_groups_only():
@@ -114,12 +224,16 @@ def outputs(model, x):
         return content, style, model.decode(content, style)
 
 
-def assert_same_model(a, b, x):
-    assert a.config == b.config
+def assert_same_state(a, b):
     sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
+    assert list(sa) == list(sb)
     for key in sa:
         torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=0, msg=key)
+
+
+def assert_same_model(a, b, x):
+    assert a.config == b.config
+    assert_same_state(a, b)
     for u, v in zip(outputs(a.eval(), x), outputs(b.eval(), x)):
         torch.testing.assert_close(u, v, rtol=0, atol=0)
 
@@ -134,6 +248,31 @@ def test_save_pretrained_round_trips_through_from_pretrained(tmp_path, no_networ
     loaded = StructuredVAE.from_pretrained(tmp_path / "hub")
     assert not loaded.training
     assert_same_model(model, loaded, x)
+
+
+def test_conv4_round_trips_through_from_pretrained(tmp_path, no_network):
+    torch.manual_seed(0)
+    model = StructuredVAE(small(encoder="conv4", image_size=32))
+    x = torch.rand(4, 1, 32, 32)
+    model(x)
+    model.save_pretrained(tmp_path / "hub")
+    assert json.loads((tmp_path / "hub" / "config.json").read_text())["encoder"] == "conv4"
+    loaded = StructuredVAE.from_pretrained(tmp_path / "hub")
+    assert loaded.config.encoder == "conv4"
+    assert_same_model(model, loaded, x)
+
+
+def test_a_config_json_without_encoder_loads_the_conv_encoder(tmp_path, no_network):
+    """Folders saved before `encoder` existed have no such key: they hold the conv encoder."""
+    model = StructuredVAE(small())
+    model.save_pretrained(tmp_path / "hub")
+    path = tmp_path / "hub" / "config.json"
+    values = json.loads(path.read_text())
+    del values["encoder"]
+    path.write_text(json.dumps(values))
+    loaded = StructuredVAE.from_pretrained(tmp_path / "hub")
+    assert loaded.config == model.config and loaded.config.encoder == "conv"
+    assert_same_model(model, loaded, torch.rand(2, 1, 28, 28))
 
 
 def test_from_pretrained_reads_a_training_run_folder(tmp_path, no_network):

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import sys
@@ -40,6 +41,7 @@ def changed(before, module):
     dict(style_adversary_weight=1.0, cross_weight=1.0, grouping="average"),
     dict(precision="bf16", content_regularizer="adversarial", style_regularizer="adversarial", style_adversary_weight=1.0,
          cross_weight=1.0),
+    dict(encoder="conv4", proto_weight=1.0, contrastive_weight=0.0),
 ])
 def test_one_step_changes_every_trained_weight(overrides):
     torch.manual_seed(0)
@@ -159,6 +161,37 @@ def test_rotations_turn_whole_groups_and_make_new_labels():
     assert torch.equal(turns[0::2], turns[1::2])  # one turn per group
     for i in range(8):
         torch.testing.assert_close(turned[i], torch.rot90(x[i], int(turns[i]), dims=(1, 2)))
+
+
+def test_prototypical_term_is_added_with_its_weight():
+    from omnivae.losses import prototypical
+    from omnivae.train import _loss
+
+    torch.manual_seed(0)
+    cfg = tiny_config(groups=2, proto_weight=3.0, proto_temperature=2.0)
+    parts = build_parts(cfg, classes=2, device=torch.device("cpu"))
+    x, label = torch.rand(8, 1, 28, 28), torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    with torch.no_grad():
+        out = parts.model(x, cfg.group_size)
+        torch.manual_seed(1)  # the same prior samples for the MMD in both
+        loss, terms = _loss(parts, cfg, x, label, 1.0, out)
+        torch.manual_seed(1)
+        without, rest = _loss(parts, dataclasses.replace(cfg, proto_weight=0.0), x, label, 1.0, out)
+    # Each drawing's own content mean, its group's prototype leaving it out, the cfg's temperature.
+    expected = prototypical(out.drawing_content_mean, 4, temperature=2.0)
+    assert "proto" not in rest and float(terms["proto"]) == pytest.approx(float(expected), rel=1e-6)
+    assert float(loss - without) == pytest.approx(3.0 * float(expected), abs=1e-3)  # float32 sums of ~500 nats
+
+
+def test_conv4_with_the_prototypical_term_trains_and_loads(tmp_path, synthetic):
+    cfg = tiny_config(encoder="conv4", proto_weight=1.0, rotations=True)
+    run = train(cfg, tmp_path / "run", dataset=synthetic, progress=False)
+    record = json.loads((run / "log.jsonl").read_text().splitlines()[0])
+    assert np.isfinite(record["proto"]) and 0 < record["proto"] < 10 and np.isfinite(record["val_recon"])
+    model = omnivae.load(run)
+    assert model.config.encoder == "conv4" and len(model.features) == 4
+    content, style = model.encode(synthetic.subset(np.arange(3)).tensors())
+    assert content.shape == (3, 4) and style.shape == (3, 2)
 
 
 def test_grouped_content_kl_is_a_per_image_bound():
