@@ -193,7 +193,7 @@ def _loss(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, ramp:
         # Content of each drawing with the style of the next drawing of its group -> that next drawing.
         style = out.style.view(-1, M, cfg.style_dim).roll(1, dims=1).reshape(-1, cfg.style_dim)  # (B, Ds)
         target = x.view(-1, M, *x.shape[1:]).roll(1, dims=1).reshape(x.shape)
-        terms["cross"] = bernoulli_nll(parts.model.decode_logits(out.drawing_content_mean, style), target)
+        terms["cross"] = bernoulli_nll(parts.model.decode_logits(out.drawing_content_mean, style, target), target)
         loss = loss + cfg.cross_weight * terms["cross"]
     return loss, terms
 
@@ -224,13 +224,14 @@ def discriminator_step(parts: Parts, cfg: Config, out) -> torch.Tensor:
 
 @torch.no_grad()
 def validate(model: StructuredVAE, images: torch.Tensor, batch: int = 512) -> dict:
-    """Per-image reconstruction NLL (posterior means decoded) and KL of each part, on held-out drawers."""
+    """Per-image reconstruction NLL (posterior means decoded; an autoregressive decoder reads the
+    images themselves, teacher forcing) and KL of each part, on held-out drawers."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=images.device)  # summed on the device, read once
     for i in range(0, len(images), batch):
         x = images[i : i + batch]
         q = model.posterior(x)
-        logits = model.decode_logits(q.content_mean, q.style_mean)
+        logits = model.decode_logits(q.content_mean, q.style_mean, x)
         sums += torch.stack([bernoulli_nll(logits, x) * len(x), gaussian_kl(q.content_mean, q.content_logvar).sum(),
                              gaussian_kl(q.style_mean, q.style_logvar).sum()]).double()
     model.train()

@@ -52,6 +52,10 @@ def test_overrides_are_typed():
     (["val_drawers=0,21"], "val_drawers must be drawers 1..20"),
     (["precision=fp16"], "precision must be one of fp32, bf16, got 'fp16'"),
     (["compile=maybe"], "compile expects bool, got 'maybe'"),
+    (["decoder=gan"], "decoder must be one of deconv, resnet, pixelcnn, got 'gan'"),
+    (["pixelcnn_layers=0"], "pixelcnn_layers must be >= 1, got 0"),
+    (["pixelcnn_channels=0"], "pixelcnn_channels must be >= 1, got 0"),
+    (["pixelcnn_layers=2.5"], "pixelcnn_layers expects int"),
 ])
 def test_bad_overrides_raise_one_clear_error(overrides, words):
     with pytest.raises(ConfigError, match=re.escape(words)):
@@ -69,6 +73,13 @@ def test_precision_and_compile_are_off_until_measured():
         assert (cfg.precision, cfg.compile) == ("fp32", False), name
     cfg = make_config("quick", ["precision=bf16", "compile=true"])
     assert (cfg.precision, cfg.compile) == ("bf16", True)
+
+
+def test_decoder_defaults_change_nothing():
+    for name in PRESETS:
+        assert make_config(name).decoder == "deconv", name
+    cfg = make_config("quick", ["decoder=pixelcnn", "pixelcnn_layers=2", "pixelcnn_channels=12"])
+    assert (cfg.decoder, cfg.pixelcnn_layers, cfg.pixelcnn_channels) == ("pixelcnn", 2, 12)
 
 
 def test_zero_budgets_are_allowed_where_zero_skips():

@@ -40,6 +40,8 @@ def changed(before, module):
     dict(style_adversary_weight=1.0, cross_weight=1.0, grouping="average"),
     dict(precision="bf16", content_regularizer="adversarial", style_regularizer="adversarial", style_adversary_weight=1.0,
          cross_weight=1.0),
+    dict(decoder="resnet", cross_weight=1.0),
+    dict(decoder="pixelcnn", cross_weight=1.0),
 ])
 def test_one_step_changes_every_trained_weight(overrides):
     torch.manual_seed(0)
@@ -56,6 +58,19 @@ def test_one_step_changes_every_trained_weight(overrides):
         assert set(weights) <= set(moved), f"{name}: unchanged {set(weights) - set(moved)}"
     if cfg.content_regularizer == "adversarial":
         assert "disc" in terms and set(parts.discriminators) == {"content", "style"}
+
+
+@pytest.mark.parametrize("decoder", ["deconv", "resnet", "pixelcnn"])
+def test_every_decoder_trains_a_run_folder(tmp_path, synthetic, decoder):
+    run = train(tiny_config(decoder=decoder, pixelcnn_channels=4, pixelcnn_layers=2, cross_weight=1.0),
+                tmp_path / "run", dataset=synthetic, progress=False)
+    record = json.loads((run / "log.jsonl").read_text().splitlines()[0])
+    assert np.isfinite(record["recon"]) and np.isfinite(record["val_recon"]) and np.isfinite(record["cross"])
+    model = omnivae.load(run)
+    assert model.config.decoder == decoder and model.autoregressive == (decoder == "pixelcnn")
+    x = synthetic.subset(np.arange(5)).tensors()
+    drawings = model.sample(*model.encode(x), generator=torch.Generator().manual_seed(0))
+    assert drawings.shape == x.shape
 
 
 def test_train_writes_a_run_folder_and_load_round_trips(tmp_path, synthetic):
