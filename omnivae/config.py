@@ -48,6 +48,7 @@ class Config:
     style_regularizer: str = "mmd"  # kl | mmd | adversarial | none
     content_weight: float = 1.0  # weight of the content regulariser
     style_weight: float = 1.0  # weight of the style regulariser
+    style_free_bits: float = 0.0  # style_regularizer=kl: floor, in nats, of each style dimension's batch-mean KL (free bits); 0 turns it off
     mmd_kernel: str = "imq"  # imq (multi-scale inverse multiquadric) | rbf
     match_codes: str = "mean"  # codes matched to the prior: mean (posterior means, aggregate) | sample (sampled codes: the seed design, collapses under MMD)
     sample_kl: float = 0.0  # weight of a per-sample KL beside the MMD, per unit of MMD weight
@@ -159,6 +160,9 @@ class Config:
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if not self.val_drawers or any(not 1 <= d <= 20 for d in self.val_drawers):
             raise ConfigError(f"val_drawers must be drawers 1..20, got {self.val_drawers}")
+        if self.style_free_bits > 0 and self.style_regularizer != "kl":
+            raise ConfigError(f"style_free_bits floors the style KL: it needs style_regularizer=kl, "
+                              f"got {self.style_regularizer!r}")
         if self.group_size == 1 and (self.cross_weight > 0):
             raise ConfigError("cross_weight needs group_size > 1 (pairs of drawings of one character)")
 

@@ -178,8 +178,10 @@ def _loss(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, ramp:
             # Grouped content has one posterior per M drawings: its KL counts once per group (see losses).
             rows_per = M if part == "content" else 1
             prior = process.randn(*codes.shape, codes.device) if name == "mmd" else None  # drawn as the global batch's
-            terms[part] = REGULARIZERS[name](mean, logvar, codes, kernel=cfg.mmd_kernel, sample_kl=cfg.sample_kl,
-                                             group_size=rows_per, prior=prior)
+            options = dict(kernel=cfg.mmd_kernel, sample_kl=cfg.sample_kl, group_size=rows_per, prior=prior)
+            if name == "kl" and part == "style":
+                options["free_bits"] = cfg.style_free_bits  # 0: the plain KL
+            terms[part] = REGULARIZERS[name](mean, logvar, codes, **options)
         terms[f"kl_{part}"] = gaussian_kl(mean, logvar).mean().detach()  # per posterior (one per group), logged whatever the regulariser
         loss = loss + ramp * weight * terms[part]
     if cfg.contrastive_weight > 0:

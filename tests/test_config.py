@@ -56,6 +56,10 @@ def test_overrides_are_typed():
     (["pixelcnn_layers=0"], "pixelcnn_layers must be >= 1, got 0"),
     (["pixelcnn_channels=0"], "pixelcnn_channels must be >= 1, got 0"),
     (["pixelcnn_layers=2.5"], "pixelcnn_layers expects int"),
+    (["style_free_bits=-0.5"], "style_free_bits must be >= 0, got -0.5"),
+    (["style_free_bits=nan"], "style_free_bits must be a finite number, got nan"),
+    (["style_free_bits=0.5", "style_regularizer=mmd"],
+     "style_free_bits floors the style KL: it needs style_regularizer=kl, got 'mmd'"),
 ])
 def test_bad_overrides_raise_one_clear_error(overrides, words):
     with pytest.raises(ConfigError, match=re.escape(words)):
@@ -75,11 +79,13 @@ def test_precision_and_compile_are_off_until_measured():
     assert (cfg.precision, cfg.compile) == ("bf16", True)
 
 
-def test_decoder_defaults_change_nothing():
+def test_decoder_and_free_bits_defaults_change_nothing():
     for name in PRESETS:
-        assert make_config(name).decoder == "deconv", name
-    cfg = make_config("quick", ["decoder=pixelcnn", "pixelcnn_layers=2", "pixelcnn_channels=12"])
-    assert (cfg.decoder, cfg.pixelcnn_layers, cfg.pixelcnn_channels) == ("pixelcnn", 2, 12)
+        cfg = make_config(name)
+        assert (cfg.decoder, cfg.style_free_bits) == ("deconv", 0.0), name
+    cfg = make_config("quick", ["decoder=pixelcnn", "pixelcnn_layers=2", "pixelcnn_channels=12", "style_free_bits=0.5"])
+    assert (cfg.decoder, cfg.pixelcnn_layers, cfg.pixelcnn_channels, cfg.style_free_bits) == ("pixelcnn", 2, 12, 0.5)
+    assert make_config("seed", ["style_free_bits=0"]).style_free_bits == 0  # off is allowed with any regulariser
 
 
 def test_zero_budgets_are_allowed_where_zero_skips():
