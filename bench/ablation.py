@@ -4,6 +4,12 @@
         --variant kl:content_regularizer=kl,style_regularizer=kl \
         --variant mmd:content_regularizer=mmd,style_regularizer=mmd
 
+The decoder and style-capacity candidates, each on top of the default preset:
+
+    python bench/ablation.py --out runs/decoders --epochs 20 --seeds 0 1 2 --variant default: \
+        --variant style_kl1:style_weight=1 --variant free_bits:style_weight=1,style_free_bits=0.5 \
+        --variant resnet:decoder=resnet --variant pixelcnn:decoder=pixelcnn
+
 Each variant is NAME:KEY=VALUE,KEY=VALUE applied on top of --preset. Runs train without the
 validation alphabets (val_holdout=true) and are scored on them: every choice is made there.
 `--split evaluation` trains on all 30 background alphabets and scores on the evaluation set:
