@@ -37,7 +37,7 @@ class Config:
     hidden: int = 256  # width of the fully connected layer between conv stack and heads
     decoder: str = "deconv"  # deconv (transposed convolutions) | resnet (with residual blocks) | pixelcnn (deconv features conditioning an autoregressive head)
     pixelcnn_layers: int = 3  # decoder=pixelcnn: gated layers of the head; a pixel sees the pixelcnn_layers + 1 rows above it
-    pixelcnn_channels: int = 8  # decoder=pixelcnn: width of the head (8: trains ~1.5x slower than deconv on a CPU)
+    pixelcnn_channels: int = 8  # decoder=pixelcnn: width of the head (8: a training step ~1.5x deconv's on a CPU)
     # --- batches: G characters x M drawings when group_size > 1, else plain shuffled batches
     batch_size: int = 128  # images per batch when group_size == 1
     groups: int = 32  # characters per batch (G) when group_size > 1
