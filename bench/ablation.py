@@ -6,6 +6,11 @@ r"""Train several variants x seeds with the same budget and print one table of t
     python bench/ablation.py --out runs/encoders --epochs 10 --quick-eval \
         --variant default --variant conv4 --variant proto --variant proto_only --variant conv4_proto
 
+The decoder and style-capacity candidates, each on top of the default preset:
+
+    python bench/ablation.py --out runs/decoders --epochs 20 --seeds 0 1 2 --variant default \
+        --variant style_kl1 --variant free_bits --variant resnet --variant pixelcnn
+
 Each variant is NAME:KEY=VALUE,KEY=VALUE applied on top of --preset; a NAME of the VARIANTS table
 below starts from its settings (`--variant conv4` alone is encoder=conv4). Runs train without the
 validation alphabets (val_holdout=true) and are scored on them: every choice is made there.
@@ -108,6 +113,11 @@ VARIANTS: dict[str, dict] = {
     "proto": {"proto_weight": 10.0},
     "proto_only": {"proto_weight": 10.0, "contrastive_weight": 0.0},
     "conv4_proto": {"encoder": "conv4", "proto_weight": 10.0},
+    # The decoder and the style code's room.
+    "style_kl1": {"style_weight": 1.0},
+    "free_bits": {"style_weight": 1.0, "style_free_bits": 0.5},
+    "resnet": {"decoder": "resnet"},
+    "pixelcnn": {"decoder": "pixelcnn", "binarize": True},  # the head sees binary drawings, as when it samples
 }
 
 

@@ -1,6 +1,7 @@
 """Speed of the data path, the training loop and evaluation on this machine.
 
     python bench/speed.py [--run RUN_DIR] [--steps 60] [--device cuda] [--set precision=bf16 ...]
+                          [--skip-data] [--skip-training] [--skip-sampling]
 
 Prints:
 - first decode and cached load time of the background and evaluation sets (28 px);
@@ -11,6 +12,8 @@ Prints:
   alternating rounds; `--set` changes the preset for both (precision=bf16 autocasts both,
   compile=true compiles both models);
 - on CUDA, how many times the loop made the host wait for the GPU (sync debug mode);
+- seconds to draw 64 binary drawings from prior codes in one batch (`model.sample`) with the
+  `default` preset's decoder and with decoder=pixelcnn (pixel by pixel), weights as initialised;
 - with --run, wall time of `evaluate` on that run with and without the k=1000 likelihood.
 """
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 from omnivae import data
 from omnivae.config import make_config
 from omnivae.distributed import Process
+from omnivae.model import ModelConfig, StructuredVAE
 from omnivae.train import build_parts, cpu_name, epoch_plan, lr_schedule, train_epoch, wrap
 
 
@@ -60,7 +64,7 @@ def minimal_loss(model, x, label, cfg) -> torch.Tensor:
     group_mean = (q.content_mean.view(-1, M, cfg.content_dim) * precision).sum(1) * group_var
     content = (group_mean + group_var.sqrt() * torch.randn_like(group_mean)).repeat_interleave(M, 0)
     style = q.style_mean + (0.5 * q.style_logvar).exp() * torch.randn_like(q.style_mean)
-    logits = model.decode_logits(content, style)
+    logits = model.decode_logits(content, style, x)  # x: teacher forcing for an autoregressive decoder
     recon = F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / len(x)
     # MMD (inverse multiquadric, 7 scales) between group means and prior samples.
     prior = torch.randn_like(group_mean)
@@ -140,6 +144,26 @@ def count_host_waits(parts, cfg, images, label, plan, schedule) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+def time_sampling(device: torch.device, overrides: list[str], rounds: int = 3, n: int = 64) -> None:
+    """Seconds for `n` drawings from prior codes in one batch, with the default preset's model (and
+    `--set` overrides) and with decoder=pixelcnn; weights as initialised (the time does not depend on them)."""
+    for extra in ([], ["decoder=pixelcnn"]):
+        cfg = make_config("default", ["device=" + str(device), *overrides, *extra])
+        torch.manual_seed(0)
+        model = StructuredVAE(ModelConfig.from_config(cfg)).to(device).eval()
+        content, style = torch.randn(n, cfg.content_dim), torch.randn(n, cfg.style_dim)  # prior codes
+        model.sample(content[:2], style[:2])  # warm-up
+        seconds = []
+        for r in range(rounds):
+            _wait(device)
+            start = time.perf_counter()
+            model.sample(content, style, torch.Generator().manual_seed(r))
+            _wait(device)
+            seconds.append(time.perf_counter() - start)
+        print(f"sample {cfg.decoder:8s}: {n} samples in {np.median(seconds):6.2f} s (median of {rounds} rounds, one batch, "
+              f"{cfg.image_size} px, {device}, {torch.get_num_threads()} threads)")
+
+
 def _wait(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -161,6 +185,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="rounds of each loop, alternating (the median is printed)")
     p.add_argument("--skip-data", action="store_true")
     p.add_argument("--skip-training", action="store_true")
+    p.add_argument("--skip-sampling", action="store_true")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="change the default preset for both loops (precision=bf16, compile=true)")
@@ -172,6 +197,8 @@ def main() -> None:
         time_data()
     if not args.skip_training:
         time_training(args.steps, device, args.overrides, args.rounds)
+    if not args.skip_sampling:
+        time_sampling(device, args.overrides, args.rounds)
     if args.run:
         time_evaluate(args.run)
 

@@ -3,7 +3,7 @@
     import omnivae
     model = omnivae.load("runs/default")          # trained model, eval mode
     content, style = model.encode(images)         # images: (N, 1, S, S) in [0, 1], ink = 1
-    drawings = model.decode(content, style)       # pixel probabilities; both keep gradients
+    drawings = model.decode(content, style)       # pixel probabilities (samples for decoder=pixelcnn)
 
     model = omnivae.StructuredVAE.from_pretrained("runs/default")   # the Hub layout; save_pretrained too
 """

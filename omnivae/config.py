@@ -11,6 +11,8 @@ from pathlib import Path
 
 
 IMAGE_SIZES = (28, 32, 64, 105)  # image sides the data module decodes to
+DECODERS = ("deconv", "resnet", "pixelcnn")  # decoder choices (model.py builds them)
+AUTOREGRESSIVE_DECODERS = ("pixelcnn",)  # decoders whose pixels depend on the pixels before them: decode samples
 
 
 class ConfigError(ValueError):
@@ -34,6 +36,9 @@ class Config:
     channels: int = 32  # width of the first conv layer; doubles at each downsampling
     hidden: int = 256  # width of the fully connected layer between conv stack and heads
     encoder: str = "conv"  # conv (stride-2 blocks down to 8 px or less) | conv4 (four conv + max-pool blocks of 2 * channels filters)
+    decoder: str = "deconv"  # deconv (transposed convolutions) | resnet (with residual blocks) | pixelcnn (deconv features conditioning an autoregressive head)
+    pixelcnn_layers: int = 3  # decoder=pixelcnn: gated layers of the head; a pixel sees the pixelcnn_layers + 1 rows above it
+    pixelcnn_channels: int = 8  # decoder=pixelcnn: width of the head (8: a training step ~1.5x deconv's on a CPU)
     # --- batches: G characters x M drawings when group_size > 1, else plain shuffled batches
     batch_size: int = 128  # images per batch when group_size == 1
     groups: int = 32  # characters per batch (G) when group_size > 1
@@ -44,6 +49,7 @@ class Config:
     style_regularizer: str = "mmd"  # kl | mmd | adversarial | none
     content_weight: float = 1.0  # weight of the content regulariser
     style_weight: float = 1.0  # weight of the style regulariser
+    style_free_bits: float = 0.0  # style_regularizer=kl: floor, in nats, of each style dimension's batch-mean KL (free bits); 0 turns it off
     mmd_kernel: str = "imq"  # imq (multi-scale inverse multiquadric) | rbf
     match_codes: str = "mean"  # codes matched to the prior: mean (posterior means, aggregate) | sample (sampled codes: the seed design, collapses under MMD)
     sample_kl: float = 0.0  # weight of a per-sample KL beside the MMD, per unit of MMD weight
@@ -123,6 +129,7 @@ class Config:
             "precision": ("fp32", "bf16"),
             "image_size": IMAGE_SIZES,
             "data": ("omniglot", "folder"),
+            "decoder": DECODERS,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -130,7 +137,7 @@ class Config:
         for key in ("content_dim", "style_dim", "channels", "hidden", "batch_size", "groups", "group_size", "epochs"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("disc_hidden", "disc_steps", "episodes"):
+        for key in ("disc_hidden", "disc_steps", "episodes", "pixelcnn_layers", "pixelcnn_channels"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         for key in ("threads", "nll_k", "nll_images", "swap_pairs", "tsne_characters", "set_nll_k", "set_nll_sets"):
@@ -159,6 +166,9 @@ class Config:
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if not self.val_drawers or any(not 1 <= d <= 20 for d in self.val_drawers):
             raise ConfigError(f"val_drawers must be drawers 1..20, got {self.val_drawers}")
+        if self.style_free_bits > 0 and self.style_regularizer != "kl":
+            raise ConfigError(f"style_free_bits floors the style KL: it needs style_regularizer=kl, "
+                              f"got {self.style_regularizer!r}")
         if self.group_size == 1 and (self.cross_weight > 0):
             raise ConfigError("cross_weight needs group_size > 1 (pairs of drawings of one character)")
         if self.proto_weight > 0 and (self.group_size < 2 or self.groups < 2):

@@ -387,27 +387,35 @@ def make_figures(run_dir: Path, model, test: omni_data.Omniglot, codes: dict, se
     rng = np.random.default_rng(picks_seed)
     images = test.tensors()
     pick = torch.as_tensor(np.sort(rng.choice(len(test), 32, replace=False)))
+    # Decoded cells are pixel probabilities, or samples for an autoregressive decoder: each figure says which.
+    kind = generate.drawing_kind(model)
     with torch.no_grad():
         q = model.posterior(images[pick].to(model.device))
-        recon = model.decode(q.content_mean, q.style_mean).cpu()
-    plots.reconstruction_grid(images[pick], recon, out / "reconstructions.png")
-    plots.image_grid(generate.sample(model, 64, samples_seed), out / "samples.png", ncols=8)
+        recon = model.decode(q.content_mean, q.style_mean, generator=torch.Generator().manual_seed(picks_seed)).cpu()
+    plots.reconstruction_grid(images[pick], recon, out / "reconstructions.png",
+                              output_label="sample" if model.autoregressive else "output",
+                              title=f"reconstructions: {kind}")
+    plots.image_grid(generate.sample(model, 64, samples_seed), out / "samples.png", ncols=8,
+                     title=f"prior samples: {kind}")
 
     # Swap: 6 characters (one drawing each) x 6 hands (drawings of other characters).
     chars = rng.choice(np.unique(test.character), 12, replace=len(np.unique(test.character)) < 12)
     first = np.array([np.flatnonzero(test.character == c)[0] for c in chars])
     content_images, style_images = images[first[:6]], images[first[6:]]
-    plots.swap_grid(content_images, style_images, generate.swap(model, content_images, style_images), out / "swap.png")
+    plots.swap_grid(content_images, style_images, generate.swap(model, content_images, style_images, picks_seed),
+                    out / "swap.png", title=f"content/style swap: {kind}")
 
     # One-shot: 4 unseen characters, each from a single drawing, 8 new drawings each.
     rows = [torch.cat([images[i : i + 1].cpu(), generate.one_shot(model, images[i], 8, one_shot_seed + k)]) for k, i in enumerate(first[:4])]
-    plots.image_grid(torch.cat(rows), out / "one_shot.png", ncols=9)
+    plots.image_grid(torch.cat(rows), out / "one_shot.png", ncols=9, title=f"one-shot: a drawing, then {kind}")
     a, b = images[first[0]], images[first[1]]
     same_char = images[np.flatnonzero(test.character == chars[0])[1]]
     plots.interpolation_grid(
-        torch.stack([generate.interpolate(model, a, b, 10, "content"), generate.interpolate(model, a, same_char, 10, "style")]),
+        torch.stack([generate.interpolate(model, a, b, 10, "content", picks_seed),
+                     generate.interpolate(model, a, same_char, 10, "style", picks_seed)]),
         out / "interpolation.png",
         row_labels=["content", "style"],
+        title=f"interpolations: {kind}",
     )
 
     # t-SNE: a readable subset coloured by character, and everything coloured by alphabet.

@@ -35,6 +35,20 @@ def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mean.pow(2) + logvar.exp() - logvar - 1.0).sum(-1)
 
 
+def free_bits_kl(mean: torch.Tensor, logvar: torch.Tensor, free_bits: float) -> torch.Tensor:
+    """KL(q(z|x) || N(0, I)) with a floor of `free_bits` nats on each dimension's batch mean.
+
+    L = sum_j max(lambda, mean_batch KL_j), KL_j = 1/2 (mean_j^2 + exp(logvar_j) - logvar_j - 1)
+    (Kingma et al. 2016, "Improved Variational Inference with Inverse Autoregressive Flow",
+    "free bits", with one group per dimension). A dimension whose average KL is below lambda adds
+    lambda and no gradient, so the optimiser has no reason to push it further toward the prior:
+    each dimension may carry up to lambda nats for free. With lambda = 0 it is the plain KL
+    averaged over the batch. mean, logvar: (B, D); returns a scalar.
+    """
+    per_dim = 0.5 * (mean.pow(2) + logvar.exp() - logvar - 1.0).mean(0)  # (D,) batch mean of each dimension's KL
+    return per_dim.clamp_min(free_bits).sum()
+
+
 def reparameterize(mean: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
     """z = mean + sigma * eps with eps ~ N(0, I): a sample that keeps gradients to mean and logvar.
     `eps` (mean's shape) is drawn here when None."""
@@ -96,15 +110,18 @@ def mmd(x: torch.Tensor, y: torch.Tensor, kernel: str = "imq", scales=DEFAULT_SC
 # discriminator with its own optimiser, so it lives in train.py, built from the functions below.
 
 
-def kl_regularizer(mean, logvar, codes, kernel="imq", sample_kl=0.0, group_size=1, prior=None):
+def kl_regularizer(mean, logvar, codes, kernel="imq", sample_kl=0.0, group_size=1, prior=None, free_bits=0.0):
     """Closed-form KL(q(z|x) || N(0, I)) per image: the ELBO's term.
 
     Each row stands for `group_size` images that share it (a grouped content posterior), so
     the rows' KLs are summed and divided by the number of images, rows * group_size, as the
     reconstruction term is: the per-image bound of the multi-level VAE (Bouchacourt et al.
     2018, "Multi-Level Variational Autoencoder", eq. 4, averaged over the batch's images).
-    With weight beta the grouped content KL thus weighs beta / M per image.
+    With weight beta the grouped content KL thus weighs beta / M per image. free_bits > 0
+    floors each dimension's batch-mean KL at that many nats (`free_bits_kl`).
     """
+    if free_bits > 0:
+        return free_bits_kl(mean, logvar, free_bits) / group_size
     return gaussian_kl(mean, logvar).mean() / group_size
 
 

@@ -581,8 +581,9 @@ def _log_weights(model, x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tenso
     """log p(x | z_i) + log p(z_i) - log q(z_i | x) for z_i = mean + sigma * eps_i: (K, B) float64.
 
     z = [z_content, z_style]; q = N(mean, exp(logvar)) is the diagonal Gaussian of
-    model.posterior, p(z) = N(0, I), p(x | z) Bernoulli with logits model.decode_logits(z),
-    summed over pixels. x: (B, 1, S, S); mean, logvar: (B, D); eps: (K, B, D).
+    model.posterior, p(z) = N(0, I), p(x | z) Bernoulli with logits model.decode_logits(z, x)
+    (x read by an autoregressive decoder: teacher forcing), summed over pixels.
+    x: (B, 1, S, S); mean, logvar: (B, D); eps: (K, B, D).
     """
     samples, b, d = eps.shape
     z = mean + (0.5 * logvar).exp() * eps  # (K, B, D)
@@ -590,8 +591,8 @@ def _log_weights(model, x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tenso
     log_q = -0.5 * (eps.pow(2) + logvar + log_2pi).sum(-1)  # (K, B)
     log_p_z = -0.5 * (z.pow(2) + log_2pi).sum(-1)  # (K, B)
     flat = z.reshape(samples * b, d)  # (K * B, D)
-    logits = model.decode_logits(flat[:, :model.content_dim], flat[:, model.content_dim:])  # (K * B, 1, S, S)
-    target = x.expand(samples, *x.shape).reshape(logits.shape)  # (K * B, 1, S, S)
+    target = x.expand(samples, *x.shape).reshape(samples * b, *x.shape[1:])  # (K * B, 1, S, S)
+    logits = model.decode_logits(flat[:, :model.content_dim], flat[:, model.content_dim:], target)  # (K * B, 1, S, S)
     log_p_x = -F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     log_p_x = log_p_x.flatten(1).sum(1).view(samples, b)  # (K, B)
     return (log_p_x + log_p_z - log_q).double()
@@ -671,7 +672,8 @@ def _set_log_weights(model, x: torch.Tensor, content_mean, content_logvar, style
     For a set X = (x_1..x_M) with one content code c and a style code s_i per drawing,
       log w = log p(c) - log q(c | X) + sum_i [log p(x_i | c, s_i) + log p(s_i) - log q(s_i | x_i)],
     c = content_mean + sigma_c * eps_c, s_i = style_mean_i + sigma_i * eps_i; p = N(0, I) for both
-    codes, p(x | c, s) Bernoulli with logits model.decode_logits(c, s), summed over pixels.
+    codes, p(x | c, s) Bernoulli with logits model.decode_logits(c, s, x) (teacher forcing for an
+    autoregressive decoder), summed over pixels.
     x: (B, M, 1, S, S); content_mean, content_logvar: (B, Dc), the proposal for the shared code;
     style_mean, style_logvar: (B, M, Ds); eps: (K, B, Dc + M * Ds), the content noise first, then
     each drawing's style noise (with M = 1 exactly the layout of `_log_weights`).
@@ -685,8 +687,8 @@ def _set_log_weights(model, x: torch.Tensor, content_mean, content_logvar, style
     log_prior_over_q = (-0.5 * (content.pow(2) - eps_c.pow(2) - content_logvar).sum(-1)  # (K, B)
                         - 0.5 * (style.pow(2) - eps_s.pow(2) - style_logvar).sum((-2, -1)))
     flat_content = content[:, :, None].expand(samples, b, m, dc).reshape(-1, dc)  # (K * B * M, Dc)
-    logits = model.decode_logits(flat_content, style.reshape(-1, ds))  # (K * B * M, 1, S, S)
-    target = x.expand(samples, *x.shape).reshape(logits.shape)  # (K * B * M, 1, S, S)
+    target = x.expand(samples, *x.shape).reshape(-1, *x.shape[2:])  # (K * B * M, 1, S, S)
+    logits = model.decode_logits(flat_content, style.reshape(-1, ds), target)  # (K * B * M, 1, S, S)
     log_p_x = -F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     log_p_x = log_p_x.flatten(1).sum(1).view(samples, b, m).sum(-1)  # (K, B)
     return (log_p_x + log_prior_over_q).double()
@@ -986,7 +988,8 @@ def swap_consistency(model, classifier: CharacterClassifier, images, character, 
     Bouchacourt et al. 2018 ("Multi-Level Variational Autoencoder"), made a number with an
     independent classifier. Protocol: draw `pairs` pairs
     (A, B) of images with different characters (numpy default_rng(seed)), decode
-    (content mean of A, style mean of B) to pixel probabilities and let an independent
+    (content mean of A, style mean of B) to pixel probabilities (`model.decode`; binary drawings
+    sampled with torch.Generator(seed) for an autoregressive decoder) and let an independent
     CharacterClassifier name the character. The classifier is trained on the background
     set's training drawers and these `images` should be the held-out drawers of the same
     characters. Returns:
@@ -1003,6 +1006,7 @@ def swap_consistency(model, classifier: CharacterClassifier, images, character, 
     rng = np.random.default_rng(seed)
     a, b = _different_character_pairs(character, pairs, rng)
     content, style = encode_images(model, images)  # (N, Dc), (N, Ds)
+    generator = torch.Generator().manual_seed(seed)  # an autoregressive decoder's samples
     was_training = model.training
     model.eval()
     swapped, plain = [], []
@@ -1011,8 +1015,8 @@ def swap_consistency(model, classifier: CharacterClassifier, images, character, 
             ca = torch.from_numpy(content[a[s:s + batch_size]])  # (b, Dc)
             sa = torch.from_numpy(style[a[s:s + batch_size]])  # (b, Ds)
             sb = torch.from_numpy(style[b[s:s + batch_size]])  # (b, Ds)
-            swapped.append(classifier.predict(model.decode(ca, sb).cpu()))
-            plain.append(classifier.predict(model.decode(ca, sa).cpu()))
+            swapped.append(classifier.predict(model.decode(ca, sb, generator=generator).cpu()))
+            plain.append(classifier.predict(model.decode(ca, sa, generator=generator).cpu()))
     finally:
         model.train(was_training)
     swapped, plain = np.concatenate(swapped), np.concatenate(plain)
@@ -1117,7 +1121,8 @@ def style_effect(model, images, character, alphabet, drawer, styles: int = 5, se
     too unsure to reach 0.5 anywhere draws empty masks, and scores 0).
     0: the style code does nothing; about 1: styles vary a drawing as much as hands do; above
     1: the decodings differ more than hands make a character differ (the style carries more
-    than the hand, e.g. the character; see `swap_consistency`). codes: the posterior means
+    than the hand, e.g. the character; see `swap_consistency`). An autoregressive decoder's
+    decodings are binary drawings sampled with torch.Generator(seed). codes: the posterior means
     (content (N, Dc), style (N, Ds)) of `images` when already computed; else they are encoded.
     Returns {"style_effect", "decoded_distance", "real_distance", "characters", "styles"}.
     """
@@ -1132,11 +1137,12 @@ def style_effect(model, images, character, alphabet, drawer, styles: int = 5, se
         content_code, style_code = content_rows, style_rows
     c = np.repeat(content[content_code], styles, axis=0)  # (C * S, Dc)
     s = style[style_code.ravel()]  # (C * S, Ds)
+    generator = torch.Generator().manual_seed(seed)  # an autoregressive decoder's samples
     was_training = model.training
     model.eval()
     try:
         decoded = torch.cat([model.decode(torch.from_numpy(c[i:i + batch_size]),
-                                          torch.from_numpy(s[i:i + batch_size])).cpu()
+                                          torch.from_numpy(s[i:i + batch_size]), generator=generator).cpu()
                              for i in range(0, len(c), batch_size)])  # (C * S, 1, H, W)
     finally:
         model.train(was_training)

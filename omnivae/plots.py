@@ -155,10 +155,11 @@ def image_grid(images, path, ncols=None, pad=2, titles=None, row_labels=None, co
                        row_labels=row_labels, col_labels=col_labels, title=title)
 
 
-def reconstruction_grid(inputs, outputs, path, ncols=16) -> Path:
-    """Inputs above their reconstructions: rows alternate "input" / "output", ncols images per row.
+def reconstruction_grid(inputs, outputs, path, ncols=16, output_label="output", title=None) -> Path:
+    """Inputs above their reconstructions: rows alternate "input" / `output_label`, ncols images per row.
 
-    inputs, outputs: (N, S, S) or (N, 1, S, S) in [0, 1]; outputs are probabilities (or means).
+    inputs, outputs: (N, S, S) or (N, 1, S, S) in [0, 1]; outputs are probabilities (or means), or
+    samples. title: a line above the grid, or None.
     """
     inputs, outputs = _as_images(inputs, 3), _as_images(outputs, 3)  # (N, S, S)
     if inputs.shape != outputs.shape:
@@ -170,15 +171,16 @@ def reconstruction_grid(inputs, outputs, path, ncols=16) -> Path:
     for i in range(n):
         r, c = divmod(i, ncols)
         cells[2 * r, c], cells[2 * r + 1, c] = inputs[i], outputs[i]
-    labels = ["input", "output"] * pairs
-    return _draw_cells(cells, path, row_labels=labels, row_gaps=range(1, 2 * pairs - 1, 2))
+    labels = ["input", output_label] * pairs
+    return _draw_cells(cells, path, row_labels=labels, row_gaps=range(1, 2 * pairs - 1, 2), title=title)
 
 
-def swap_grid(content_images, style_images, swapped, path) -> Path:
+def swap_grid(content_images, style_images, swapped, path, title=None) -> Path:
     """Content/style swaps: the top row holds the style images, the left column the content images,
     and cell (r, c) the decoding of content r's content code with style c's style code.
 
     content_images: (R, S, S); style_images: (C, S, S); swapped: (R, C, S, S) (channel axes allowed).
+    title: a line above the grid, or None.
     """
     content, style = _as_images(content_images, 3), _as_images(style_images, 3)
     swapped = _as_images(swapped, 4)  # (R, C, S, S)
@@ -189,13 +191,15 @@ def swap_grid(content_images, style_images, swapped, path) -> Path:
     cells[0, 1:] = style
     cells[1:, 0] = content
     cells[1:, 1:] = swapped
-    return _draw_cells(cells, path, row_gaps=(0,), col_gaps=(0,), col_header="style \u2192", row_header="content")
+    return _draw_cells(cells, path, row_gaps=(0,), col_gaps=(0,), col_header="style \u2192", row_header="content",
+                       title=title)
 
 
-def interpolation_grid(rows, path, row_labels=None) -> Path:
-    """Rows of interpolations: rows (R, T, S, S), each row T steps from one end to the other."""
+def interpolation_grid(rows, path, row_labels=None, title=None) -> Path:
+    """Rows of interpolations: rows (R, T, S, S), each row T steps from one end to the other; title
+    a line above the grid, or None."""
     rows = _as_images(rows, 4)  # (R, T, S, S)
-    return _draw_cells(rows, path, row_labels=row_labels)
+    return _draw_cells(rows, path, row_labels=row_labels, title=title)
 
 
 # ----------------------------------------------------------------------------- t-SNE

@@ -19,12 +19,13 @@ import tempfile
 from pathlib import Path
 
 from . import rundir
+from .config import AUTOREGRESSIVE_DECODERS
 from .plots import bar_chart
 from .registry import CI95, METRICS
 
 # Figures a run may hold, in the order the report shows them, with their captions.
 FIGURES: dict[str, str] = {
-    "reconstructions.png": "Reconstructions: held-out drawings (input rows) and their reconstructions (output rows).",
+    "reconstructions.png": "Reconstructions: held-out drawings (input rows) and their reconstructions (the rows below).",
     "samples.png": "Samples: content and style codes drawn from the prior N(0, I) and decoded.",
     "swap.png": "Content/style swap: cell (r, c) decodes the content code of the drawing at the left of row r with the style code of the drawing at the top of column c.",
     "one_shot.png": "One-shot generation: each row starts with a single drawing of an unseen character (evaluation set), followed by new drawings of it in styles drawn from the prior.",
@@ -36,6 +37,12 @@ FIGURES: dict[str, str] = {
     "training_curves.png": "Training curves: each logged term per epoch, training and validation on the same axes.",
 }
 _GRID_FIGURES = {"reconstructions.png", "samples.png", "swap.png", "one_shot.png", "interpolation.png"}
+# What the decoded cells of the grid figures are, by whether the run's decoder is autoregressive.
+_DECODED = {
+    False: "Decoded cells are pixel probabilities p(x = 1 | z) (dark: likely ink), not samples.",
+    True: "Decoded cells are binary drawings sampled pixel by pixel from the autoregressive decoder, not "
+          "probabilities.",
+}
 
 _RUN_INFO = (  # run info key -> label in "How it was trained"
     ("device", "Device"),
@@ -207,7 +214,10 @@ def _figure_order(figures_dir: Path) -> list[Path]:
     return known + others
 
 
-def _caption(name: str) -> str:
+def _caption(name: str, decoder: str = "deconv") -> str:
+    """A figure's caption; the grid figures say what their decoded cells are for the run's `decoder`."""
+    if name in _GRID_FIGURES:
+        return f"{FIGURES[name]} {_DECODED[decoder in AUTOREGRESSIVE_DECODERS]}"
     if name in FIGURES:
         return FIGURES[name]
     return Path(name).stem.replace("_", " ").capitalize() + "."
@@ -324,13 +334,14 @@ def write_report(run_dir) -> Path:
 
     parts.append("<h2>Figures</h2>")
     figures = _figure_order(rundir.figures_dir(run_dir))
+    decoder = config.get("decoder", "deconv") if isinstance(config, dict) else "deconv"
     if not figures:
         parts.append('<p class="note">No figures in this run folder.</p>')
     for path in figures:
         css = ' class="grid"' if path.name in _GRID_FIGURES else ""
         parts.append(
             f'<figure id="fig-{_e(path.stem)}"><img{css} src="{_png_data_uri(path)}" alt="{_e(path.name)}">'
-            f"<figcaption><code>{_e(path.name)}</code>: {_e(_caption(path.name))}</figcaption></figure>")
+            f"<figcaption><code>{_e(path.name)}</code>: {_e(_caption(path.name, decoder))}</figcaption></figure>")
 
     page = _page(f"omnivae report: {name}", "\n".join(parts))
     return rundir.write_text(rundir.report_path(run_dir), page)

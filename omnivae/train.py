@@ -179,8 +179,10 @@ def _loss(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, ramp:
             # Grouped content has one posterior per M drawings: its KL counts once per group (see losses).
             rows_per = M if part == "content" else 1
             prior = process.randn(*codes.shape, codes.device) if name == "mmd" else None  # drawn as the global batch's
-            terms[part] = REGULARIZERS[name](mean, logvar, codes, kernel=cfg.mmd_kernel, sample_kl=cfg.sample_kl,
-                                             group_size=rows_per, prior=prior)
+            options = dict(kernel=cfg.mmd_kernel, sample_kl=cfg.sample_kl, group_size=rows_per, prior=prior)
+            if name == "kl" and part == "style":
+                options["free_bits"] = cfg.style_free_bits  # 0: the plain KL
+            terms[part] = REGULARIZERS[name](mean, logvar, codes, **options)
         terms[f"kl_{part}"] = gaussian_kl(mean, logvar).mean().detach()  # per posterior (one per group), logged whatever the regulariser
         loss = loss + ramp * weight * terms[part]
     if cfg.contrastive_weight > 0:
@@ -198,7 +200,7 @@ def _loss(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, ramp:
         # Content of each drawing with the style of the next drawing of its group -> that next drawing.
         style = out.style.view(-1, M, cfg.style_dim).roll(1, dims=1).reshape(-1, cfg.style_dim)  # (B, Ds)
         target = x.view(-1, M, *x.shape[1:]).roll(1, dims=1).reshape(x.shape)
-        terms["cross"] = bernoulli_nll(parts.model.decode_logits(out.drawing_content_mean, style), target)
+        terms["cross"] = bernoulli_nll(parts.model.decode_logits(out.drawing_content_mean, style, target), target)
         loss = loss + cfg.cross_weight * terms["cross"]
     return loss, terms
 
@@ -229,13 +231,14 @@ def discriminator_step(parts: Parts, cfg: Config, out) -> torch.Tensor:
 
 @torch.no_grad()
 def validate(model: StructuredVAE, images: torch.Tensor, batch: int = 512) -> dict:
-    """Per-image reconstruction NLL (posterior means decoded) and KL of each part, on held-out drawers."""
+    """Per-image reconstruction NLL (posterior means decoded; an autoregressive decoder reads the
+    images themselves, teacher forcing) and KL of each part, on held-out drawers."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=images.device)  # summed on the device, read once
     for i in range(0, len(images), batch):
         x = images[i : i + batch]
         q = model.posterior(x)
-        logits = model.decode_logits(q.content_mean, q.style_mean)
+        logits = model.decode_logits(q.content_mean, q.style_mean, x)
         sums += torch.stack([bernoulli_nll(logits, x) * len(x), gaussian_kl(q.content_mean, q.content_logvar).sum(),
                              gaussian_kl(q.style_mean, q.style_logvar).sum()]).double()
     model.train()

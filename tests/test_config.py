@@ -57,6 +57,14 @@ def test_overrides_are_typed():
     (["proto_temperature=0"], "proto_temperature must be > 0, got 0.0"),
     (["proto_weight=1", "group_size=1"], "proto_weight needs group_size >= 2 and groups >= 2"),
     (["proto_weight=1", "groups=1"], "proto_weight needs group_size >= 2 and groups >= 2"),
+    (["decoder=gan"], "decoder must be one of deconv, resnet, pixelcnn, got 'gan'"),
+    (["pixelcnn_layers=0"], "pixelcnn_layers must be >= 1, got 0"),
+    (["pixelcnn_channels=0"], "pixelcnn_channels must be >= 1, got 0"),
+    (["pixelcnn_layers=2.5"], "pixelcnn_layers expects int"),
+    (["style_free_bits=-0.5"], "style_free_bits must be >= 0, got -0.5"),
+    (["style_free_bits=nan"], "style_free_bits must be a finite number, got nan"),
+    (["style_free_bits=0.5", "style_regularizer=mmd"],
+     "style_free_bits floors the style KL: it needs style_regularizer=kl, got 'mmd'"),
 ])
 def test_bad_overrides_raise_one_clear_error(overrides, words):
     with pytest.raises(ConfigError, match=re.escape(words)):
@@ -82,6 +90,15 @@ def test_presets_keep_the_conv_encoder_and_no_prototypical_term():
         assert (cfg.encoder, cfg.proto_weight) == ("conv", 0.0), name
     cfg = make_config("default", ["encoder=conv4", "proto_weight=10", "proto_temperature=2"])
     assert (cfg.encoder, cfg.proto_weight, cfg.proto_temperature) == ("conv4", 10.0, 2.0)
+
+
+def test_decoder_and_free_bits_defaults_change_nothing():
+    for name in PRESETS:
+        cfg = make_config(name)
+        assert (cfg.decoder, cfg.style_free_bits) == ("deconv", 0.0), name
+    cfg = make_config("quick", ["decoder=pixelcnn", "pixelcnn_layers=2", "pixelcnn_channels=12", "style_free_bits=0.5"])
+    assert (cfg.decoder, cfg.pixelcnn_layers, cfg.pixelcnn_channels, cfg.style_free_bits) == ("pixelcnn", 2, 12, 0.5)
+    assert make_config("seed", ["style_free_bits=0"]).style_free_bits == 0  # off is allowed with any regulariser
 
 
 def test_zero_budgets_are_allowed_where_zero_skips():

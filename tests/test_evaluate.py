@@ -17,13 +17,13 @@ def test_subset_takes_whole_alphabets_until_enough_images():
     assert len(firsts) > 1  # the seed decides which alphabets
 
 
-def _tiny_model():
+def _tiny_model(**overrides):
     import torch
 
     from omnivae.model import ModelConfig, StructuredVAE
 
     torch.manual_seed(0)
-    return StructuredVAE(ModelConfig(channels=4, hidden=16, content_dim=4, style_dim=2)).eval()
+    return StructuredVAE(ModelConfig(channels=4, hidden=16, content_dim=4, style_dim=2, **overrides)).eval()
 
 
 def test_set_likelihoods_and_their_absence():
@@ -69,3 +69,31 @@ def test_five_shot_is_none_without_six_drawers():
     data = synthetic_omniglot(characters=20, drawers=6, alphabets=1)
     codes = np.eye(21)[data.character]  # codes that name the character
     assert _multi_shot("content", codes, data, 20, 5, 10, seed=0)["content_20way_5shot"] == 1.0
+
+
+def test_figures_say_what_their_drawings_are(tmp_path, monkeypatch):
+    """An autoregressive decoder's figures hold binary samples, and every grid's title says what its cells are."""
+    from omnivae import evaluate, plots
+
+    data = synthetic_omniglot(characters=12, drawers=4)
+    seen = {}  # figure name -> (title, decoded cells)
+    where = {"reconstruction_grid": (2, 1), "image_grid": (1, 0), "swap_grid": (3, 2), "interpolation_grid": (1, 0)}
+    for name, (path_at, cells_at) in where.items():
+        def wrapper(*args, _draw=getattr(plots, name), _path_at=path_at, _cells_at=cells_at, **kwargs):
+            seen[args[_path_at].name] = (kwargs.get("title"), np.asarray(args[_cells_at]))
+            return _draw(*args, **kwargs)
+
+        monkeypatch.setattr(plots, name, wrapper)
+    monkeypatch.setattr(plots, "embed_tsne", lambda codes, seed=0: np.zeros((len(codes), 2)))  # t-SNE is not the point
+    for decoder, kind in (("pixelcnn", "binary samples, pixel by pixel"), ("deconv", "pixel probabilities")):
+        model = _tiny_model(decoder=decoder, pixelcnn_layers=2, pixelcnn_channels=4)
+        run = tmp_path / decoder
+        run.mkdir()
+        evaluate.make_figures(run, model, data, evaluate.encode_all(model, data.tensors()), seed=0, tsne_characters=4)
+        assert {name: title for name, (title, _) in seen.items()} == {
+            "reconstructions.png": f"reconstructions: {kind}", "samples.png": f"prior samples: {kind}",
+            "swap.png": f"content/style swap: {kind}", "one_shot.png": f"one-shot: a drawing, then {kind}",
+            "interpolation.png": f"interpolations: {kind}"}
+        for name in ("reconstructions.png", "samples.png", "swap.png", "interpolation.png"):
+            binary = set(np.unique(seen[name][1]).tolist()) <= {0.0, 1.0}
+            assert binary == (decoder == "pixelcnn"), name

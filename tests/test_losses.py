@@ -18,6 +18,28 @@ def test_gaussian_kl_is_zero_at_the_prior():
     assert losses.gaussian_kl(torch.zeros(3, 4), torch.zeros(3, 4)).abs().max() == 0
 
 
+def test_free_bits_kl_known_answers():
+    # Per-image KLs per dimension (logvar 0): 1/2 mean^2, i.e. [0.5, 0] and [0, 0]; batch means [0.25, 0].
+    mean = torch.tensor([[1.0, 0.0], [0.0, 0.0]], requires_grad=True)
+    logvar = torch.zeros(2, 2)
+    assert losses.free_bits_kl(mean, logvar, 0.0).item() == pytest.approx(0.25)  # the plain KL, batch mean
+    assert losses.free_bits_kl(mean, logvar, 0.0).item() == pytest.approx(losses.gaussian_kl(mean, logvar).mean().item())
+    assert losses.free_bits_kl(mean, logvar, 0.1).item() == pytest.approx(0.25 + 0.1)  # dimension 2 floored
+    assert losses.free_bits_kl(mean, logvar, 0.5).item() == pytest.approx(0.5 + 0.5)  # both floored
+    # A floored dimension gives no gradient; one above its floor the KL's: d(1/2 * 1/2 m^2)/dm = m / 2.
+    losses.free_bits_kl(mean, logvar, 0.1).backward()
+    torch.testing.assert_close(mean.grad, torch.tensor([[0.5, 0.0], [0.0, 0.0]]))
+    mean.grad = None
+    losses.free_bits_kl(mean, logvar, 0.5).backward()
+    assert mean.grad.abs().max() == 0
+    # With a log-variance: KL_j = 1/2 (exp(lv) - lv - 1) = 1/2 (e - 2) at lv = 1, above a floor of 0.3.
+    value = losses.free_bits_kl(torch.zeros(3, 1), torch.ones(3, 1), 0.3).item()
+    assert value == pytest.approx(0.5 * (math.e - 2))
+    # The KL regulariser takes the floor as an option.
+    assert losses.kl_regularizer(mean, logvar, None, free_bits=0.1).item() == pytest.approx(0.35)
+    assert losses.kl_regularizer(mean, logvar, None).item() == pytest.approx(0.25)
+
+
 def test_bernoulli_nll_of_zero_logits_is_log2_per_pixel():
     x = (torch.rand(4, 1, 28, 28) > 0.5).float()
     assert losses.bernoulli_nll(torch.zeros_like(x), x).item() == pytest.approx(784 * math.log(2), rel=1e-6)

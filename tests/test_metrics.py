@@ -438,7 +438,7 @@ class ConstantDecoder(nn.Module):
         cm, cl, sm, sl = h.split([self.content_dim, self.content_dim, self.style_dim, self.style_dim], 1)
         return Posterior(cm, cl, sm, sl)
 
-    def decode_logits(self, content, style):
+    def decode_logits(self, content, style, x=None):
         return self.logits.expand(len(content), *self.logits.shape)  # (N, 1, S, S)
 
 
@@ -500,7 +500,7 @@ class StyleOnlyDecoder(nn.Module):
         content, style = (point, prior) if self.swapped else (prior, point)
         return Posterior(content[0], content[1], style[0], style[1])
 
-    def decode_logits(self, content, style):
+    def decode_logits(self, content, style, x=None):
         side = int(math.isqrt(self.weight.shape[0]))
         return (style @ self.weight.T).view(len(style), 1, side, side)  # (N, 1, S, S)
 
@@ -553,6 +553,68 @@ def test_iwae_reproducible_and_independent_of_chunks():
     assert model.training  # mode restored
 
 
+def _tiny_pixelcnn():
+    torch.manual_seed(0)
+    return StructuredVAE(ModelConfig(channels=4, hidden=16, content_dim=4, style_dim=2, decoder="pixelcnn",
+                                     pixelcnn_layers=2, pixelcnn_channels=4))
+
+
+def test_iwae_of_a_pixelcnn_with_one_sample_is_its_elbo_by_hand():
+    """k = 1: -log w = -[log p(x | z) + log N(z; 0, I) - log N(z; mean, sigma^2)], with log p(x | z)
+    the teacher-forced Bernoulli terms of each image's own pixels, for z drawn from the first
+    torch.randn of Generator(seed)."""
+    model = _tiny_pixelcnn()
+    images = metrics.binarize(torch.rand(3, 1, 28, 28) * 0.4, seed=2)
+    result = metrics.iwae_nll(model, images, k=1, batch_size=3, seed=4)
+    model.eval()
+    with torch.no_grad():
+        q = model.posterior(images)
+        mean = torch.cat([q.content_mean, q.style_mean], 1)  # (3, 6)
+        std = torch.cat([q.content_logvar, q.style_logvar], 1).mul(0.5).exp()
+        z = mean + std * torch.randn(1, 3, 6, generator=torch.Generator().manual_seed(4))[0]  # (3, 6)
+        logits = model.decode_logits(z[:, :4], z[:, 4:], images)  # (3, 1, 28, 28)
+        log_p_x = torch.distributions.Bernoulli(logits=logits).log_prob(images).flatten(1).sum(1)
+        normal = torch.distributions.Normal
+        log_w = log_p_x + normal(0.0, 1.0).log_prob(z).sum(1) - normal(mean, std).log_prob(z).sum(1)  # (3,)
+    assert result["nll"] == pytest.approx(-log_w.mean().item(), abs=1e-3)
+    assert result["elbo_nll"] == pytest.approx(result["nll"], abs=1e-6)  # one sample: the bound is the ELBO
+
+
+def test_pixelcnn_log_weights_read_each_image_for_each_sample():
+    # _log_weights decodes K * B codes at once; each must be teacher-forced with its own image.
+    model = _tiny_pixelcnn().eval()
+    x = metrics.binarize(torch.rand(3, 1, 28, 28) * 0.4, seed=3)  # (B, 1, S, S)
+    generator = torch.Generator().manual_seed(1)
+    mean, logvar = torch.randn(3, 6, generator=generator), 0.3 * torch.randn(3, 6, generator=generator)
+    eps = torch.randn(2, 3, 6, generator=generator)  # (K, B, D)
+    with torch.no_grad():
+        got = metrics._log_weights(model, x, mean, logvar, eps)  # (K, B)
+        z = mean + (0.5 * logvar).exp() * eps
+        normal = torch.distributions.Normal
+        for k in range(2):
+            for b in range(3):
+                logits = model.decode_logits(z[k, b:b + 1, :4], z[k, b:b + 1, 4:], x[b:b + 1])
+                expected = (torch.distributions.Bernoulli(logits=logits).log_prob(x[b:b + 1]).sum()
+                            + normal(0.0, 1.0).log_prob(z[k, b]).sum()
+                            - normal(mean[b], (0.5 * logvar[b]).exp()).log_prob(z[k, b]).sum())
+                assert got[k, b].item() == pytest.approx(expected.item(), abs=1e-3)
+        # The set weights with one drawing per set are the same numbers (their documented layout).
+        one = metrics._set_log_weights(model, x[:, None], mean[:, :4], logvar[:, :4], mean[:, None, 4:],
+                                       logvar[:, None, 4:], eps)
+        torch.testing.assert_close(one, got)
+
+
+def test_set_and_conditional_likelihoods_run_for_a_pixelcnn():
+    model = _tiny_pixelcnn()
+    images = metrics.binarize(torch.rand(10, 1, 28, 28) * 0.3, seed=1)
+    sets = np.arange(10).reshape(2, 5)
+    result = metrics.set_nll(model, images, sets, k=4, batch_size=2, seed=0)
+    assert np.isfinite(result["nll"]) and result["nll"] > 0
+    assert metrics.set_nll(model, images, sets, k=4, batch_size=2, seed=0) == result  # seeded
+    pairs = metrics.conditional_nll(model, images, sets[:, :2], k=4, batch_size=2, seed=0)
+    assert np.isfinite(pairs["nll"])
+
+
 def test_iwae_rejects_grey_images():
     model = ConstantDecoder(torch.zeros(1, 4, 4))
     with pytest.raises(ValueError, match="binar"):
@@ -590,7 +652,7 @@ def test_set_log_weights_formula():
     class Linear(nn.Module):
         content_dim, style_dim = 1, 2
 
-        def decode_logits(self, content, style):
+        def decode_logits(self, content, style, x=None):
             return (torch.cat([content, style], 1) @ weight.T).view(-1, 1, 4, 4)
 
     b, m, k = 2, 3, 5
@@ -778,7 +840,7 @@ class RevealingModel(nn.Module):
         ids = x[:, 0, 0, 0:1]  # (B, 1)
         return ids, 1000.0 + ids
 
-    def decode(self, content, style):
+    def decode(self, content, style, generator=None):
         out = torch.zeros(len(content), 1, 2, 2)
         out[:, 0, 0, 0], out[:, 0, 0, 1] = content[:, 0], style[:, 0]
         return out
@@ -875,7 +937,7 @@ class ImageCodes(nn.Module):
     def encode(self, x):
         return x.flatten(1), x.flatten(1)
 
-    def decode(self, content, style):
+    def decode(self, content, style, generator=None):
         side = math.isqrt(content.shape[1])
         return (style if self.style == "image" else content).view(-1, 1, side, side)
 

@@ -221,7 +221,7 @@ def test_gradients_flow_through_encode_and_decode():
 def outputs(model, x):
     with torch.no_grad():
         content, style = model.encode(x)
-        return content, style, model.decode(content, style)
+        return content, style, model.decode_logits(content, style, x)  # deterministic for every decoder
 
 
 def assert_same_state(a, b):
@@ -238,16 +238,148 @@ def assert_same_model(a, b, x):
         torch.testing.assert_close(u, v, rtol=0, atol=0)
 
 
-def test_save_pretrained_round_trips_through_from_pretrained(tmp_path, no_network):
+@pytest.mark.parametrize("decoder", ["deconv", "resnet", "pixelcnn"])
+def test_save_pretrained_round_trips_through_from_pretrained(tmp_path, no_network, decoder):
     torch.manual_seed(0)
-    model = StructuredVAE(small(grouping="average"))
+    model = StructuredVAE(small(grouping="average", decoder=decoder, pixelcnn_layers=2, pixelcnn_channels=5))
     x = torch.rand(5, 1, 28, 28)
     model(x)  # moves the batch-norm running statistics away from their initial values
     model.save_pretrained(tmp_path / "hub")
     assert json.loads((tmp_path / "hub" / "config.json").read_text()) == vars(model.config)
     loaded = StructuredVAE.from_pretrained(tmp_path / "hub")
     assert not loaded.training
+    assert loaded.config.decoder == decoder and loaded.config.pixelcnn_channels == 5
     assert_same_model(model, loaded, x)
+    generator = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    content, style = torch.randn(4, 6), torch.randn(4, 3)
+    assert torch.equal(model.eval().sample(content, style, generator()), loaded.sample(content, style, generator()))
+
+
+def test_a_config_without_decoder_fields_loads_as_deconv(tmp_path, no_network):
+    """Configs written before the decoder choice (no decoder keys) still load, as the deconv decoder."""
+    model = StructuredVAE(small())
+    model.save_pretrained(tmp_path / "hub")
+    path = tmp_path / "hub" / "config.json"
+    values = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in values.items() if not k.startswith(("decoder", "pixelcnn"))}))
+    loaded = StructuredVAE.from_pretrained(tmp_path / "hub")
+    assert loaded.config.decoder == "deconv" and not loaded.autoregressive
+    assert_same_model(model, loaded, torch.rand(3, 1, 28, 28))
+
+
+# The deconv decoder's state-dict names, as runs saved before the decoder choice hold them.
+DECONV_KEYS = (
+    [f"features.{i}.0.weight" for i in range(3)]
+    + [f"features.{i}.1.{k}" for i in range(3) for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+    + ["trunk.1.weight", "trunk.1.bias", "content_head.weight", "content_head.bias", "style_head.weight",
+       "style_head.bias", "expand.0.weight", "expand.0.bias", "expand.2.weight", "expand.2.bias"]
+    + [f"upsample.{i}.0.weight" for i in range(2)]
+    + [f"upsample.{i}.1.{k}" for i in range(2) for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+    + ["to_logits.weight", "to_logits.bias"]
+)
+
+
+def test_deconv_decoder_keeps_its_state_dict_names_and_network():
+    model = StructuredVAE(small())
+    assert sorted(model.state_dict()) == sorted(DECONV_KEYS)
+    assert ModelConfig().decoder == "deconv" and not model.autoregressive
+    # The network as it was: the codes through expand, the transposed convolutions and to_logits.
+    content, style = torch.randn(3, 6), torch.randn(3, 3)
+    model.eval()
+    with torch.no_grad():
+        h = model.expand(torch.cat([content, style], 1)).view(3, 16, 7, 7)
+        expected = model.to_logits(model.upsample(h))
+        assert torch.equal(model.decode_logits(content, style), expected)
+        assert torch.equal(model.decode(content, style), torch.sigmoid(expected))
+    # The other decoders add their own modules beside these names and change none of them.
+    for decoder, prefix in (("resnet", "residual."), ("pixelcnn", "head.")):
+        keys = set(StructuredVAE(small(decoder=decoder)).state_dict())
+        assert set(DECONV_KEYS) < keys and all(k.startswith(prefix) for k in keys - set(DECONV_KEYS))
+
+
+def test_model_config_refuses_bad_decoder_values():
+    with pytest.raises(ValueError, match="decoder must be one of deconv, resnet, pixelcnn, got 'gan'"):
+        ModelConfig(decoder="gan")
+    for name in ("pixelcnn_layers", "pixelcnn_channels"):
+        with pytest.raises(ValueError, match=f"{name} must be >= 1, got 0"):
+            ModelConfig(**{name: 0})
+
+
+@pytest.mark.parametrize("decoder", ["deconv", "resnet", "pixelcnn"])
+def test_every_decoder_gives_logits_decodings_and_samples(decoder):
+    torch.manual_seed(0)
+    model = StructuredVAE(small(decoder=decoder)).eval()
+    x = (torch.rand(4, 1, 28, 28) < 0.3).float()
+    content, style = model.encode(x)
+    logits = model.decode_logits(content, style, x)
+    assert logits.shape == (4, 1, 28, 28) and torch.isfinite(logits).all()
+    assert model.autoregressive == (decoder == "pixelcnn")
+    drawings = model.sample(content, style, torch.Generator().manual_seed(0))
+    assert drawings.shape == (4, 1, 28, 28) and set(drawings.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(drawings, model.sample(content, style, torch.Generator().manual_seed(0)))  # seeded
+    decoded = model.decode(content, style, generator=torch.Generator().manual_seed(0))
+    if decoder == "pixelcnn":  # no probability map: decode samples
+        assert torch.equal(decoded, drawings)
+        with pytest.raises(ValueError, match="needs the images x"):
+            model.decode_logits(content, style)
+    else:  # probabilities; a sample is one Bernoulli draw of them with the generator's uniforms
+        torch.testing.assert_close(decoded, torch.sigmoid(logits))
+        uniform = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(drawings, (uniform < decoded).float())
+
+
+def _pixelcnn(size=16, layers=3, channels=4):
+    torch.manual_seed(0)
+    return StructuredVAE(small(image_size=size, decoder="pixelcnn", pixelcnn_layers=layers,
+                               pixelcnn_channels=channels)).eval()
+
+
+def test_pixelcnn_logits_are_causal_with_a_few_rows_of_reach():
+    """d logit(p) / d x(q) is exactly 0 for every q at or after p in raster order, and for q more
+    than layers + 1 rows above p; it is not 0 for the pixel left of p nor for the farthest row seen."""
+    size, layers = 10, 3
+    model = _pixelcnn(size, layers).double()
+    content, style = torch.randn(1, 6, dtype=torch.float64), torch.randn(1, 3, dtype=torch.float64)
+    x = (torch.rand(1, 1, size, size) < 0.4).double()
+    jacobian = torch.autograd.functional.jacobian(lambda image: model.decode_logits(content, style, image), x)
+    jacobian = jacobian.reshape(size * size, size * size)  # (logit p, pixel q), raster order
+    p, q = torch.meshgrid(torch.arange(size * size), torch.arange(size * size), indexing="ij")
+    seen = (q < p) & (p // size - q // size <= layers + 1)  # before p, within the reach
+    assert torch.all(jacobian[~seen] == 0)
+    for row, col in ((5, 4), (9, 9)):
+        at = row * size + col
+        assert jacobian[at, at - 1] != 0  # the pixel on its left
+        assert jacobian[at, (row - layers - 1) * size + col].abs() > 0  # the farthest row it sees
+    assert model.head.reach == layers + 1
+
+
+def _naive_sample(model, content, style, uniform):
+    """Pixel by pixel in raster order, each from a full teacher-forced pass over the image so far."""
+    x = torch.zeros_like(uniform)
+    size = x.shape[-1]
+    with torch.no_grad():
+        for i in range(size):
+            for j in range(size):
+                p = torch.sigmoid(model.decode_logits(content, style, x)[:, :, i, j])
+                x[:, :, i, j] = (uniform[:, :, i, j] < p).float()
+    return x
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_pixelcnn_slab_sampling_equals_naive_sampling(layers):
+    model = _pixelcnn(16, layers)
+    with torch.no_grad():  # a sharper head, so that the pixels before a pixel, up to the farthest row, matter
+        for conv in [*model.head.horizontal, *model.head.vertical, model.head.out]:
+            conv.weight.mul_(3.0)
+    generator = torch.Generator().manual_seed(1)
+    content, style = torch.randn(8, 6, generator=generator), torch.randn(8, 3, generator=generator)
+    uniform = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(7))  # what sample draws first
+    fast = model.sample(content, style, torch.Generator().manual_seed(7))
+    assert torch.equal(fast, _naive_sample(model, content, style, uniform))
+    assert 0.05 < fast.mean() < 0.95
+    # Teacher forcing on the drawings gives what the sampler used: the logits are the same function.
+    logits = model.decode_logits(content, style, fast)
+    assert torch.equal(fast, (uniform < torch.sigmoid(logits)).float())
 
 
 def test_conv4_round_trips_through_from_pretrained(tmp_path, no_network):

@@ -129,3 +129,18 @@ def test_importing_plots_leaves_pyplot_alone():
     code = "import sys, omnivae.plots; print('matplotlib.pyplot' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_grids_take_a_title_line(tmp_path):
+    images = strokes(6)
+    plain = [read_png(plots.reconstruction_grid(images, images, tmp_path / "r.png", ncols=3)),
+             read_png(plots.swap_grid(images[:2], images[2:5], strokes(6).reshape(2, 3, 28, 28), tmp_path / "s.png")),
+             read_png(plots.interpolation_grid(strokes(6).reshape(2, 3, 28, 28), tmp_path / "i.png"))]
+    titled = [read_png(plots.reconstruction_grid(images, images, tmp_path / "r.png", ncols=3, output_label="sample",
+                                                 title="reconstructions: binary samples")),
+              read_png(plots.swap_grid(images[:2], images[2:5], strokes(6).reshape(2, 3, 28, 28), tmp_path / "s.png",
+                                       title="swap")),
+              read_png(plots.interpolation_grid(strokes(6).reshape(2, 3, 28, 28), tmp_path / "i.png", title="walk"))]
+    for a, b in zip(plain, titled):
+        assert b.shape[0] > a.shape[0] and b.shape[1] == a.shape[1]  # a line of text above the same grid
+        assert (b[: b.shape[0] - a.shape[0]] < 128).any()  # the title's dark text

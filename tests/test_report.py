@@ -38,11 +38,11 @@ METRICS = {
 FIGURE_NAMES = ["reconstructions.png", "swap.png", "tsne_content_characters.png", "training_curves.png", "extra_plot.png"]
 
 
-def make_run(root, name="run_a", metrics=METRICS, figures=True, train_seconds=754.2):
+def make_run(root, name="run_a", metrics=METRICS, figures=True, train_seconds=754.2, decoder="deconv"):
     """A run folder like training and evaluation leave behind, with small figures."""
     run_dir = root / name
     run_dir.mkdir(parents=True)
-    config = make_config("quick").to_dict()
+    config = make_config("quick", {"decoder": decoder}).to_dict()
     config["device"] = "<script>alert('x')</script>"  # Config.validate does not check device; written raw
     (run_dir / "config.json").write_text(json.dumps(config))
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
@@ -124,6 +124,24 @@ def test_report_is_self_contained_and_escaped(tmp_path):
     assert "<link" not in page and "<script" not in page
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
     assert not list(run_dir.glob("*.tmp")) and not list(run_dir.glob(".*.tmp"))
+
+
+def test_report_says_what_decoded_cells_are(tmp_path):
+    def caption(page, name):
+        return re.search(rf"<code>{re.escape(name)}</code>: ([^<]*)</figcaption>", page).group(1)
+
+    plain = report.write_report(make_run(tmp_path, "plain")).read_text()
+    sampled = report.write_report(make_run(tmp_path, "sampled", decoder="pixelcnn")).read_text()
+    for name in ("reconstructions.png", "swap.png"):
+        assert "pixel probabilities" in caption(plain, name) and "sampled" not in caption(plain, name)
+        assert "binary drawings sampled pixel by pixel" in caption(sampled, name)
+        assert "probabilities p(x" not in caption(sampled, name)
+    for page in (plain, sampled):  # other figures keep their captions
+        assert caption(page, "training_curves.png") == report.FIGURES["training_curves.png"]
+    bare = tmp_path / "bare"  # no config: the decoded cells are the default decoder's
+    (bare / "figures").mkdir(parents=True)
+    plots.image_grid(np.zeros((2, 28, 28)), bare / "figures" / "samples.png")
+    assert "pixel probabilities" in caption(report.write_report(bare).read_text(), "samples.png")
 
 
 def test_report_of_a_bare_run_folder(tmp_path):

@@ -42,6 +42,8 @@ def changed(before, module):
     dict(precision="bf16", content_regularizer="adversarial", style_regularizer="adversarial", style_adversary_weight=1.0,
          cross_weight=1.0),
     dict(encoder="conv4", proto_weight=1.0, contrastive_weight=0.0),
+    dict(decoder="resnet", cross_weight=1.0),
+    dict(decoder="pixelcnn", cross_weight=1.0, style_free_bits=0.01),
 ])
 def test_one_step_changes_every_trained_weight(overrides):
     torch.manual_seed(0)
@@ -58,6 +60,32 @@ def test_one_step_changes_every_trained_weight(overrides):
         assert set(weights) <= set(moved), f"{name}: unchanged {set(weights) - set(moved)}"
     if cfg.content_regularizer == "adversarial":
         assert "disc" in terms and set(parts.discriminators) == {"content", "style"}
+
+
+def test_style_free_bits_floor_the_style_term():
+    """With a floor above every dimension's KL, the style term is style_dim * floor, whatever the codes."""
+    torch.manual_seed(0)
+    cfg = tiny_config(style_regularizer="kl", style_free_bits=50.0)
+    parts = build_parts(cfg, classes=8, device=torch.device("cpu"))
+    x, label = torch.rand(16, 1, 28, 28), torch.arange(4).repeat_interleave(4)
+    terms = train_step(parts, cfg, x, label)
+    assert terms["style"] == pytest.approx(cfg.style_dim * 50.0)
+    assert terms["kl_style"] < 50.0  # the KL itself is logged beside it, unfloored
+    plain = train_step(parts, dataclasses.replace(cfg, style_free_bits=0.0), x, label)
+    assert plain["style"] == pytest.approx(plain["kl_style"], rel=1e-5)
+
+
+@pytest.mark.parametrize("decoder", ["deconv", "resnet", "pixelcnn"])
+def test_every_decoder_trains_a_run_folder(tmp_path, synthetic, decoder):
+    run = train(tiny_config(decoder=decoder, pixelcnn_channels=4, pixelcnn_layers=2, cross_weight=1.0),
+                tmp_path / "run", dataset=synthetic, progress=False)
+    record = json.loads((run / "log.jsonl").read_text().splitlines()[0])
+    assert np.isfinite(record["recon"]) and np.isfinite(record["val_recon"]) and np.isfinite(record["cross"])
+    model = omnivae.load(run)
+    assert model.config.decoder == decoder and model.autoregressive == (decoder == "pixelcnn")
+    x = synthetic.subset(np.arange(5)).tensors()
+    drawings = model.sample(*model.encode(x), generator=torch.Generator().manual_seed(0))
+    assert drawings.shape == x.shape
 
 
 def test_train_writes_a_run_folder_and_load_round_trips(tmp_path, synthetic):
