@@ -63,6 +63,7 @@ class Config:
     rotations: bool = False  # characters turned by 90, 180, 270 degrees count as new training characters
     augment: float = 0.0  # strength of random affine and stroke-width distortions of each training drawing; 0 turns them off, 1 is Koch et al.'s ranges
     binarize: bool = False  # train on dynamically binarised drawings (a fresh Bernoulli draw of each pixel every time), as the likelihood is scored
+    binarize_encoder: bool = True  # with binarize: the encoder sees the binary draw too; false: it sees the grey drawing and only the decoder models the draw
     # --- adversarial regulariser (adversarial autoencoder)
     disc_hidden: int = 256  # width of the discriminator's hidden layers
     disc_lr: float = 2e-4  # learning rate of the discriminator

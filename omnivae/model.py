@@ -390,10 +390,12 @@ class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tag
                              "use sample() to draw new images")
         return logits + self.head(x, features)
 
-    def forward(self, x: torch.Tensor, group_size: int = 1, noise: Noise | None = None) -> VAEOutput:
+    def forward(self, x: torch.Tensor, group_size: int = 1, noise: Noise | None = None,
+                target: torch.Tensor | None = None) -> VAEOutput:
         """Encode, sample and decode. With group_size > 1, rows come in groups of that many
         drawings of one character and share one content posterior (config.grouping). `noise`
-        gives the N(0, I) draws of the two samples; None draws them here, in the same order."""
+        gives the N(0, I) draws of the two samples; None draws them here, in the same order.
+        `target`: the images an autoregressive decoder reads (teacher forcing) when they are not x."""
         q = self.posterior(x)
         content_mean, content_logvar = q.content_mean, q.content_logvar
         noise = noise or Noise(None, None)
@@ -407,7 +409,7 @@ class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tag
         else:
             content = reparameterize(content_mean, content_logvar, noise.content)
         style = reparameterize(q.style_mean, q.style_logvar, noise.style)
-        logits = self.decode_logits(content, style, x)  # x: teacher forcing for an autoregressive decoder
+        logits = self.decode_logits(content, style, x if target is None else target)  # teacher forcing
         return VAEOutput(
             logits, content_mean, content_logvar, q.style_mean, q.style_logvar, content, style, q.content_mean
         )

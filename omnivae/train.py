@@ -130,21 +130,23 @@ def _codes(cfg: Config, out, part: str):
     return mean, logvar, (mean if cfg.match_codes == "mean" else code)
 
 
-def update(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, ramp: float = 1.0) -> dict:
+def update(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, ramp: float = 1.0,
+           target: torch.Tensor | None = None) -> dict:
     """One update of the VAE (and its helpers), then of the discriminators. Returns the loss terms
     and the VAE's gradient norm as 0-d tensors left on the device: reading them waits for the
     device, so the training loop does it once per epoch (`train_step` reads them at once).
 
     x: (B, 1, S, S) in [0, 1]; label: (B,) training-character index, used only by the
-    content-level terms. With cfg.group_size > 1 the batch is G groups of M drawings. Under
+    content-level terms; target: (B, 1, S, S) the images the decoder models, when they are not x
+    (binarize_encoder=false: a binary draw of x). With cfg.group_size > 1 the batch is G groups of M drawings. Under
     torchrun these are this process's rows of the global batch, and every random draw is made
     for the global batch (see distributed).
     """
     M, process = cfg.group_size, parts.process
     with _precision(cfg, x.device):
         out = parts.run("model")(x, M, Noise(process.randn(len(x) // M, cfg.content_dim, x.device),
-                                             process.randn(len(x), cfg.style_dim, x.device)))
-        loss, terms = _loss(parts, cfg, x, label, ramp, out)
+                                             process.randn(len(x), cfg.style_dim, x.device)), target)
+        loss, terms = _loss(parts, cfg, x if target is None else target, label, ramp, out)
 
     parts.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -166,7 +168,7 @@ def _precision(cfg: Config, device: torch.device):
 
 
 def _loss(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, ramp: float, out) -> tuple:
-    """The VAE's total loss and its terms, from the forward pass `out`."""
+    """The VAE's total loss and its terms, from the forward pass `out`; x: the images the decoder models."""
     M, process = cfg.group_size, parts.process
     terms = {"recon": bernoulli_nll(out.logits, x)}
     loss = terms["recon"]
@@ -365,9 +367,11 @@ def train_epoch(parts: Parts, cfg: Config, images: torch.Tensor, label: torch.Te
             x, y = rotate_as_new_characters(x, y, cfg.group_size, turns)
         if cfg.augment > 0:  # each drawing its own distortion
             x = augment.distort(x, parts.process.rand(len(x), 6, x.device), cfg.augment)
+        target = None
         if cfg.binarize:
-            x = augment.binarize(x, parts.process.rand(len(x), x[0].numel(), x.device))
-        terms = update(parts, cfg, x, y, ramp)
+            binary = augment.binarize(x, parts.process.rand(len(x), x[0].numel(), x.device))
+            x, target = (binary, None) if cfg.binarize_encoder else (x, binary)
+        terms = update(parts, cfg, x, y, ramp, target)
         schedule.step()
         totals.add(i, terms)
         if progress and i % SHOW_EVERY == 0:

@@ -64,7 +64,8 @@ def test_dynamic_binarisation_is_a_fresh_bernoulli_draw():
     assert torch.allclose(draws.mean(0), x, atol=0.06)
 
 
-@pytest.mark.parametrize("overrides", [dict(augment=1.0), dict(binarize=True)])
+@pytest.mark.parametrize("overrides", [dict(augment=1.0), dict(binarize=True),
+                                       dict(binarize=True, binarize_encoder=False)])
 def test_training_sees_the_changed_drawings(overrides, monkeypatch):
     """train_epoch hands `update` distorted or binarised drawings, not the stored ones."""
     synthetic = synthetic_omniglot()
@@ -74,10 +75,11 @@ def test_training_sees_the_changed_drawings(overrides, monkeypatch):
     images, label = 0.2 + 0.6 * synthetic.tensors(), torch.as_tensor(label)  # grey levels, so binarising changes them
     parts = build_parts(cfg, 32, torch.device("cpu"))
     plan = epoch_plan(cfg, synthetic.character, 0, distributed.Process())[:2]
-    seen = []
+    seen, inputs = [], []  # what the decoder models, what the encoder sees
 
-    def update(parts, cfg, x, y, ramp=1.0):
-        seen.append(x.clone())
+    def update(parts, cfg, x, y, ramp=1.0, target=None):
+        seen.append((x if target is None else target).clone())
+        inputs.append(x.clone())
         return {"loss": torch.zeros(())}
 
     monkeypatch.setattr("omnivae.train.update", update)
@@ -86,3 +88,5 @@ def test_training_sees_the_changed_drawings(overrides, monkeypatch):
     assert len(seen) == 2 and all(not torch.allclose(a, b, atol=1e-3) for a, b in zip(seen, stored))
     if cfg.binarize:
         assert all(set(x.unique().tolist()) <= {0.0, 1.0} for x in seen)
+        grey = [torch.equal(a, b) for a, b in zip(inputs, stored)]
+        assert grey == [not cfg.binarize_encoder] * 2  # the encoder sees the grey drawing only when asked

@@ -404,3 +404,26 @@ def test_compiled_training_matches_plain_training(tmp_path, synthetic, monkeypat
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], msg=key)
+
+
+def test_the_decoder_models_the_target_when_one_is_given():
+    """update(..., target=t) (binarize_encoder=false): the encoder reads x, the reconstruction term scores t."""
+    from omnivae.losses import bernoulli_nll
+    from omnivae.model import Noise
+    from omnivae.train import update
+
+    cfg = tiny_config()
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(16, 1, 28, 28, generator=g)
+    t = (torch.rand(16, 1, 28, 28, generator=g) < x).float()
+    label = torch.arange(4).repeat_interleave(4)
+    torch.manual_seed(0)
+    parts = build_parts(cfg, classes=8, device=torch.device("cpu"))
+    torch.manual_seed(1)
+    terms = update(parts, cfg, x, label, target=t)
+    torch.manual_seed(0)
+    twin = build_parts(cfg, classes=8, device=torch.device("cpu"))
+    torch.manual_seed(1)
+    out = twin.model(x, 4, Noise(torch.randn(4, cfg.content_dim), torch.randn(16, cfg.style_dim)))
+    assert torch.allclose(terms["recon"], bernoulli_nll(out.logits, t), rtol=1e-4)
+    assert not torch.allclose(terms["recon"], bernoulli_nll(out.logits, x), rtol=1e-3)
