@@ -24,14 +24,15 @@ SKIP = {"protocol_version", "split", "split_description", "test_images", "nll_k"
 
 
 def parse_groups(items: list[str]) -> dict[str, list[str]]:
-    """NAME=DIR DIR DIR NAME2=DIR ... -> {NAME: [DIR, ...]}."""
+    """NAME=DIR DIR DIR NAME2=DIR ... -> {NAME: [DIR, ...]}. A NAME given again adds to its group,
+    so shell braces work: NAME=runs/x_seed{0,1,2} expands to NAME=runs/x_seed0 NAME=runs/x_seed1 ..."""
     groups: dict[str, list[str]] = {}
     current = None
     for item in items:
         name, sep, folder = item.partition("=")
         if sep and name and "/" not in name:
             current = name
-            groups[current] = [folder] if folder else []
+            groups.setdefault(current, []).extend([folder] if folder else [])
         elif current is None:
             raise SystemExit(f"summary: {item!r} comes before any NAME=RUN_DIR")
         else:
