@@ -6,7 +6,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 
-from fixtures import make_tiny_omniglot
+from fixtures import make_tiny_omniglot, one_torch_thread
 
 
 @pytest.fixture
@@ -21,3 +21,10 @@ def tiny_data_dir(tmp_path):
 def tiny_cache_dir(tmp_path):
     """An empty folder for decoded arrays."""
     return tmp_path / "cache"
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one CPU thread for the test (`fixtures.one_torch_thread`)."""
+    with one_torch_thread():
+        yield

@@ -1,6 +1,7 @@
 """Tiny synthetic Omniglot sets in the exact upstream layout, with pixels known in advance."""
 from __future__ import annotations
 
+import contextlib
 import io
 import zipfile
 from pathlib import Path
@@ -157,3 +158,16 @@ def real_data() -> Path:
         pytest.skip("OMNIVAE_TEST_DATA is not set")
     assert Path(folder).is_dir(), f"OMNIVAE_TEST_DATA={folder} does not exist"
     return Path(folder)
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """torch on one CPU thread inside the block: tiny models train fastest so (and two thrash on a busy machine)."""
+    import torch  # here, so that importing these helpers does not import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

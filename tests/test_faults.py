@@ -26,13 +26,7 @@ def synthetic():
     return synthetic_omniglot()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread (and two thrash on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models train fastest on one thread
 
 
 def flat(tree, name=""):

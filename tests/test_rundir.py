@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import omnivae
-from fixtures import killed_write, synthetic_omniglot
+from fixtures import killed_write, one_torch_thread, synthetic_omniglot
 from omnivae import cli, rundir
 from omnivae.config import ConfigError
 from omnivae.model import StructuredVAE
@@ -18,23 +18,15 @@ from omnivae.train import train
 from test_train import tiny_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models train fastest on one thread
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A run folder after 2 epochs, with discriminators and a style adversary; tests copy it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     cfg = tiny_config(epochs=2, content_regularizer="adversarial", style_adversary_weight=1.0, val_drawers=(20,))
-    run = train(cfg, tmp_path_factory.mktemp("trained") / "run", dataset=synthetic_omniglot(), progress=False)
-    torch.set_num_threads(threads)
-    return run
+    with one_torch_thread():
+        return train(cfg, tmp_path_factory.mktemp("trained") / "run", dataset=synthetic_omniglot(), progress=False)
 
 
 @pytest.fixture
