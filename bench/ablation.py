@@ -118,6 +118,10 @@ VARIANTS: dict[str, dict] = {
     "free_bits": {"style_weight": 1.0, "style_free_bits": 0.5},
     "resnet": {"decoder": "resnet"},
     "pixelcnn": {"decoder": "pixelcnn", "binarize": True},  # the head sees binary drawings, as when it samples
+    # Style with room, identity kept out: each drawing decoded with the style of another character's
+    # drawing that shares its distortion (transfer_weight), with and without the distortions.
+    "transfer": {"style_weight": 1.0, "transfer_weight": 1.0},
+    "transfer_aug": {"style_weight": 1.0, "transfer_weight": 1.0, "augment": 1.0},
 }
 
 

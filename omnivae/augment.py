@@ -55,6 +55,17 @@ def distort(images: torch.Tensor, uniform: torch.Tensor, strength: float = 1.0) 
     return stroke_width(x, width).clamp(0.0, 1.0)
 
 
+def paired(uniform: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Random amounts shared by pairs of groups: the rows of groups 2i and 2i + 1 both take those of
+    group 2i, so drawing m of one group and drawing m of its pair get the same distortion.
+    uniform: (G * M, ...) with G even, group-major; returns the same shape."""
+    rows = uniform.shape[0]
+    if rows % (2 * group_size):
+        raise ValueError(f"{rows} rows are not pairs of groups of {group_size}")
+    pairs = uniform.view(rows // (2 * group_size), 2, group_size, *uniform.shape[1:])
+    return pairs[:, :1].expand_as(pairs).reshape(uniform.shape)
+
+
 def binarize(images: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """Dynamic binarisation: each pixel is 1 with probability its grey level, a fresh draw each
     time a drawing is used (as the likelihood literature on Omniglot trains, e.g. Burda et al.

@@ -28,12 +28,14 @@ from .registry import named
 from .rundir import load
 
 TSNE_POINTS = 4000  # drawings in the by-alphabet t-SNE maps
+SWAP_CANDIDATES = 300  # drawings the swap grid picks its 6 visibly different hands from
 # Version of the evaluation protocol, written into the run's metrics: `omnivae compare` warns when
 # runs were measured under different versions. 2: Lake-style few-shot episodes, prior match
 # on sampled codes, one random stream per use, validation alphabets. 3: the swap judge trains
 # with augmentations like a decoder's (so swap numbers moved), and new metrics: per-alphabet
-# clustering, 20-way 5-shot, digits transfer, style effect, set and one-shot likelihoods.
-PROTOCOL_VERSION = 3
+# clustering, 20-way 5-shot, digits transfer, style effect, set and one-shot likelihoods. 4: the
+# style effect's ink masks are each drawing's expected ink count of darkest pixels, not grey >= 0.5.
+PROTOCOL_VERSION = 4
 SPLITS = {  # what `split` evaluates on; swap consistency always uses the training characters' held-out drawers
     "evaluation": "evaluation set (20 unseen alphabets, 659 characters)",
     "validation": "validation alphabets (held out of the background set by val_holdout)",
@@ -398,12 +400,17 @@ def make_figures(run_dir: Path, model, test: omni_data.Omniglot, codes: dict, se
     plots.image_grid(generate.sample(model, 64, samples_seed), out / "samples.png", ncols=8,
                      title=f"prior samples: {kind}")
 
-    # Swap: 6 characters (one drawing each) x 6 hands (drawings of other characters).
+    # Swap: 6 characters (one drawing each) x 6 hands that differ visibly (thick, thin, leaning
+    # right and left, large, small), picked among drawings of other characters.
     chars = rng.choice(np.unique(test.character), 12, replace=len(np.unique(test.character)) < 12)
     first = np.array([np.flatnonzero(test.character == c)[0] for c in chars])
-    content_images, style_images = images[first[:6]], images[first[6:]]
+    others = np.flatnonzero(~np.isin(test.character, chars[:6]))
+    others = others if len(others) else np.arange(len(test))
+    candidates = np.sort(rng.choice(others, min(len(others), SWAP_CANDIDATES), replace=False))
+    hands, hand_names = metrics.distinct_hands(images[torch.as_tensor(candidates)], 6)
+    content_images, style_images = images[first[:6]], images[torch.as_tensor(candidates[hands])]
     plots.swap_grid(content_images, style_images, generate.swap(model, content_images, style_images, picks_seed),
-                    out / "swap.png", title=f"content/style swap: {kind}")
+                    out / "swap.png", title=f"content/style swap: {kind}", style_labels=hand_names)
 
     # One-shot: 4 unseen characters, each from a single drawing, 8 new drawings each.
     rows = [torch.cat([images[i : i + 1].cpu(), generate.one_shot(model, images[i], 8, one_shot_seed + k)]) for k, i in enumerate(first[:4])]

@@ -1033,14 +1033,31 @@ def swap_consistency(model, classifier: CharacterClassifier, images, character, 
 # Style effect: does the style code change the drawing as much as a hand does?
 
 
-def _ink_distance(images: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+def ink_masks(images) -> np.ndarray:
+    """Each image's ink mask without a grey-level threshold: its round(sum of grey levels) darkest pixels.
+
+    images: (..., P) grey levels in [0, 1] (ink = 1). A Bernoulli decoder's probabilities sum to
+    the drawing's expected ink count, so the mask is where its most likely strokes are, however
+    blurred: a map that spreads a stroke thinly at grey 0.3 still marks the stroke, where a fixed
+    threshold of 0.5 would mark nothing. On a binary drawing the mask is its ink. Ties keep pixel
+    order (a stable sort), so the mask is deterministic. Returns a bool array of the same shape.
+    """
+    images = np.asarray(images, dtype=np.float64)
+    count = np.rint(images.sum(-1)).astype(np.int64)  # (...,) expected ink pixels
+    order = np.argsort(-images, axis=-1, kind="stable")  # darkest first
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(images.shape[-1]), axis=-1)  # each pixel's place in that order
+    return rank < count[..., None]
+
+
+def _ink_distance(images: np.ndarray) -> np.ndarray:
     """Mean pairwise Jaccard distance 1 - |A & B| / |A | B| between the ink masks of each row's images.
 
-    images: (C, S, P) grey levels in [0, 1] (C groups of S images of P pixels); ink is a grey level
-    of at least `threshold`. Two empty masks are at distance 0. Returns (C,): the mean over the
-    S (S - 1) / 2 pairs of each group (Jaccard 1912).
+    images: (C, S, P) grey levels in [0, 1] (C groups of S images of P pixels); masks from
+    `ink_masks`. Two empty masks are at distance 0. Returns (C,): the mean over the S (S - 1) / 2
+    pairs of each group (Jaccard 1912).
     """
-    ink = np.asarray(images) >= threshold  # (C, S, P)
+    ink = ink_masks(images)  # (C, S, P)
     first, second = np.triu_indices(ink.shape[1], k=1)  # the pairs (i < j)
     a, b = ink[:, first], ink[:, second]  # (C, pairs, P)
     union = (a | b).sum(-1)
@@ -1066,6 +1083,54 @@ def _style_effect(decoded, real) -> dict:
         raise ValueError("the real drawings of each character are identical: no spread to compare with")
     return {"style_effect": decoded_distance / real_distance, "decoded_distance": decoded_distance,
             "real_distance": real_distance}
+
+
+def hand_measures(images) -> dict[str, np.ndarray]:
+    """What makes hands look different, measured on each drawing's ink mask (`ink_masks`).
+
+    images: (N, 1, S, S) or (N, S, S) grey levels in [0, 1] (ink = 1). Returns (N,) arrays:
+    thickness: ink pixels per boundary pixel (an ink pixel with a non-ink 4-neighbour): 1 for a
+    one-pixel line, about w / 2 for strokes w pixels wide; slant: the shear -cov(x, y) / var(y) of
+    the ink's coordinates (x to the right, y down), positive when the ink leans right like "/";
+    size: the ink's spread sqrt(var(x) + var(y)) in pixels. A drawing without ink gets 0 for all three.
+    """
+    images = _as_numpy(images).astype(np.float64)
+    images = images.reshape(len(images), *images.shape[-2:])  # (N, S, S)
+    ink = ink_masks(images.reshape(len(images), -1)).reshape(images.shape)
+    padded = np.pad(ink, ((0, 0), (1, 1), (1, 1)))
+    inner = padded[:, :-2, 1:-1] & padded[:, 2:, 1:-1] & padded[:, 1:-1, :-2] & padded[:, 1:-1, 2:]
+    count = ink.sum((1, 2))
+    boundary = (ink & ~inner).sum((1, 2))
+    y, x = np.mgrid[: images.shape[1], : images.shape[2]]
+    weight = ink / np.maximum(count, 1)[:, None, None]
+    mx, my = (weight * x).sum((1, 2)), (weight * y).sum((1, 2))
+    dx, dy = x - mx[:, None, None], y - my[:, None, None]
+    vx, vy, cxy = (weight * dx * dx).sum((1, 2)), (weight * dy * dy).sum((1, 2)), (weight * dx * dy).sum((1, 2))
+    return {"thickness": count / np.maximum(boundary, 1),
+            "slant": np.where(vy > 0, -cxy / np.maximum(vy, 1e-12), 0.0),
+            "size": np.sqrt(vx + vy)}
+
+
+HANDS = (("thick", "thickness", -1), ("thin", "thickness", 1), ("leaning right", "slant", -1),
+         ("leaning left", "slant", 1), ("large", "size", -1), ("small", "size", 1))  # name, measure, sort sign
+
+
+def distinct_hands(images, count: int = 6) -> tuple[np.ndarray, list[str]]:
+    """Indices of up to `count` drawings whose hands differ visibly, and what each one is.
+
+    In the order of HANDS: the thickest, thinnest, most right- and left-leaning, largest and
+    smallest drawing by `hand_measures`, each one not picked before; for a swap grid whose style
+    sources differ in the ways hands do. Returns (indices (K,), names (K,)), K = min(count, N, 6).
+    """
+    measures = hand_measures(images)
+    picked, names = [], []
+    for name, measure, sign in HANDS[:count]:
+        for i in np.argsort(sign * measures[measure], kind="stable"):
+            if i not in picked:
+                picked.append(int(i))
+                names.append(name)
+                break
+    return np.array(picked, dtype=np.int64), names
 
 
 def style_effect_drawings(character, alphabet, drawer, styles: int = 5, seed=0):
@@ -1116,9 +1181,9 @@ def style_effect(model, images, character, alphabet, drawer, styles: int = 5, se
     drawings of other characters, by S other drawers: `style_effect_drawings`) and compare the
     spread of those S decodings with the spread of the same character's real drawings by the
     same S drawers (`_style_effect`). The spread is the mean pairwise Jaccard distance between
-    ink masks (grey level >= 0.5), not a pixel distance: the decoder's blur would shrink pixel
-    distances and read as less style, while the masks compare where the strokes are (a decoder
-    too unsure to reach 0.5 anywhere draws empty masks, and scores 0).
+    ink masks (`ink_masks`: each drawing's expected ink count of darkest pixels), not a pixel
+    distance: the decoder's blur would shrink pixel distances and read as less style, while the
+    masks compare where the strokes are, with no grey-level threshold for the blur to fall under.
     0: the style code does nothing; about 1: styles vary a drawing as much as hands do; above
     1: the decodings differ more than hands make a character differ (the style carries more
     than the hand, e.g. the character; see `swap_consistency`). An autoregressive decoder's

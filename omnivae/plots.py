@@ -175,12 +175,12 @@ def reconstruction_grid(inputs, outputs, path, ncols=16, output_label="output", 
     return _draw_cells(cells, path, row_labels=labels, row_gaps=range(1, 2 * pairs - 1, 2), title=title)
 
 
-def swap_grid(content_images, style_images, swapped, path, title=None) -> Path:
+def swap_grid(content_images, style_images, swapped, path, title=None, style_labels=None) -> Path:
     """Content/style swaps: the top row holds the style images, the left column the content images,
     and cell (r, c) the decoding of content r's content code with style c's style code.
 
     content_images: (R, S, S); style_images: (C, S, S); swapped: (R, C, S, S) (channel axes allowed).
-    title: a line above the grid, or None.
+    title: a line above the grid, or None; style_labels: C words above the style columns, or None.
     """
     content, style = _as_images(content_images, 3), _as_images(style_images, 3)
     swapped = _as_images(swapped, 4)  # (R, C, S, S)
@@ -191,8 +191,11 @@ def swap_grid(content_images, style_images, swapped, path, title=None) -> Path:
     cells[0, 1:] = style
     cells[1:, 0] = content
     cells[1:, 1:] = swapped
+    if style_labels is not None and len(style_labels) != cols:
+        raise ValueError(f"{len(style_labels)} style labels for {cols} style images")
+    labels = None if style_labels is None else ["", *style_labels]
     return _draw_cells(cells, path, row_gaps=(0,), col_gaps=(0,), col_header="style \u2192", row_header="content",
-                       title=title)
+                       title=title, col_labels=labels)
 
 
 def interpolation_grid(rows, path, row_labels=None, title=None) -> Path:

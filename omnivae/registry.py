@@ -127,7 +127,8 @@ _RECORDS: list[Metric] = [
     Metric("protocol_version", "protocol", "Version of the evaluation protocol (2: Lake et al. episodes with 95% "
            "intervals, leakage references, prior match on sampled codes, one random stream per use; 3: a swap "
            "judge trained with augmentations, per-alphabet clustering, 5-shot, digits transfer, set likelihood, "
-           "style effect); `omnivae compare` warns when runs differ.", None, "evaluate.evaluate"),
+           "style effect; 4: the style effect's ink masks without a grey-level threshold); `omnivae compare` warns "
+           "when runs differ.", None, "evaluate.evaluate"),
     Metric("split", "split", "The images scored: `evaluation` (20 unseen alphabets: the numbers to report) or "
            "`validation` (background alphabets a val_holdout run never trained on: for every choice).",
            None, "evaluate.evaluate"),
@@ -199,8 +200,8 @@ _RECORDS: list[Metric] = [
            "drawings: its own ceiling.", None, "metrics.swap_consistency", "real_accuracy", paper=SWAP),
     Metric("style_effect", "style effect", "How much decodings of one content differ across the style codes of 5 "
            "other drawers (drawings of other characters), over how much real drawings of the character by those "
-           "drawers differ: mean pairwise Jaccard distance of ink masks. 0: the style code does nothing; about 1: "
-           "as much as hands.", None, "metrics.style_effect", "style_effect", paper=STYLE_EFFECT),
+           "drawers differ: mean pairwise Jaccard distance of ink masks (each drawing's expected ink count of darkest "
+           "pixels). 0: the style code does nothing; about 1: as much as hands.", None, "metrics.style_effect", "style_effect", paper=STYLE_EFFECT),
     # Likelihood.
     Metric("nll_iwae", "NLL (nats)", "Negative log-likelihood per dynamically binarised test image, k-sample "
            "importance-weighted bound with the encoder as proposal, in nats.", LOWER, "metrics.iwae_nll", "nll",

@@ -204,6 +204,12 @@ def _loss(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, ramp:
         target = x.view(-1, M, *x.shape[1:]).roll(1, dims=1).reshape(x.shape)
         terms["cross"] = bernoulli_nll(parts.model.decode_logits(out.drawing_content_mean, style, target), target)
         loss = loss + cfg.cross_weight * terms["cross"]
+    if cfg.transfer_weight > 0:
+        # Content of each drawing with the style of the same-place drawing of the paired group: another
+        # character, drawn with the same distortion (augment.paired); style that carries character hurts here.
+        style = out.style.view(-1, 2, M, cfg.style_dim).flip(1).reshape(-1, cfg.style_dim)  # (B, Ds)
+        terms["transfer"] = bernoulli_nll(parts.model.decode_logits(out.drawing_content_mean, style, x), x)
+        loss = loss + cfg.transfer_weight * terms["transfer"]
     return loss, terms
 
 
@@ -365,8 +371,11 @@ def train_epoch(parts: Parts, cfg: Config, images: torch.Tensor, label: torch.Te
         if cfg.rotations:
             turns = parts.process.randint(4, len(idx) // cfg.group_size, idx.device)  # drawn as the global batch's
             x, y = rotate_as_new_characters(x, y, cfg.group_size, turns)
-        if cfg.augment > 0:  # each drawing its own distortion
-            x = augment.distort(x, parts.process.rand(len(x), 6, x.device), cfg.augment)
+        if cfg.augment > 0:  # each drawing its own distortion (shared with its pair's for transfer_weight)
+            amounts = parts.process.rand(len(x), 6, x.device)
+            if cfg.transfer_weight > 0:
+                amounts = augment.paired(amounts, cfg.group_size)
+            x = augment.distort(x, amounts, cfg.augment)
         target = None
         if cfg.binarize:
             binary = augment.binarize(x, parts.process.rand(len(x), x[0].numel(), x.device))

@@ -90,3 +90,32 @@ def test_training_sees_the_changed_drawings(overrides, monkeypatch):
         assert all(set(x.unique().tolist()) <= {0.0, 1.0} for x in seen)
         grey = [torch.equal(a, b) for a, b in zip(inputs, stored)]
         assert grey == [not cfg.binarize_encoder] * 2  # the encoder sees the grey drawing only when asked
+
+
+def test_paired_groups_share_their_draws():
+    u = torch.arange(4 * 3 * 2, dtype=torch.float32).view(12, 2)  # 4 groups of 3 drawings, 2 draws each
+    shared = augment.paired(u, 3)
+    assert torch.equal(shared[:3], u[:3]) and torch.equal(shared[3:6], u[:3])  # groups 0 and 1: group 0's draws
+    assert torch.equal(shared[6:9], u[6:9]) and torch.equal(shared[9:], u[6:9])  # groups 2 and 3: group 2's
+    with pytest.raises(ValueError, match="pairs of groups"):
+        augment.paired(u[:9], 3)
+
+
+def test_transfer_pairs_share_each_drawings_distortion(monkeypatch):
+    """With transfer_weight, drawing m of groups 2i and 2i + 1 get the same distortion amounts."""
+    synthetic = synthetic_omniglot()
+    cfg = make_config("quick", dict(channels=4, hidden=32, content_dim=4, style_dim=2, groups=4, group_size=4,
+                                    epochs=1, rotations=False, device="cpu", augment=1.0, transfer_weight=1.0))
+    _, label = np.unique(synthetic.character, return_inverse=True)
+    parts = build_parts(cfg, 32, torch.device("cpu"))
+    plan = epoch_plan(cfg, synthetic.character, 0, distributed.Process())[:1]
+    amounts = []
+    distort = augment.distort
+    monkeypatch.setattr(augment, "distort", lambda x, u, s: (amounts.append(u.clone()), distort(x, u, s))[1])
+    monkeypatch.setattr("omnivae.train.update", lambda *args, **kwargs: {"loss": torch.zeros(())})
+    train_epoch(parts, cfg, synthetic.tensors(), torch.as_tensor(label), plan, 0,
+                lr_schedule(cfg, parts.optimizer, 10), progress=False)
+    (u,) = amounts
+    groups = u.view(2, 2, 4, 6)  # (pairs, 2 groups, M drawings, draws)
+    assert torch.equal(groups[:, 0], groups[:, 1]) and not torch.equal(groups[0, 0], groups[1, 0])
+    assert len(torch.unique(groups[0, 0, :, 0])) == 4  # the drawings of a group differ

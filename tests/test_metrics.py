@@ -888,12 +888,60 @@ def test_classifier_on_indices_reloads_from_a_class_count():
 # ---- style effect ------------------------------------------------------------------------------
 
 
+def test_ink_masks_need_no_threshold():
+    stroke = np.zeros((28, 28))
+    stroke[6:22, 12:14], stroke[13:15, 6:22] = 1, 1  # a cross of 60 ink pixels
+    stroke = stroke.ravel()
+    ink = int(stroke.sum())
+    assert (metrics.ink_masks(stroke) == (stroke == 1)).all()  # a binary drawing's mask is its ink
+    # A blurred map: the strokes at grey 0.45, the rest a faint haze, the same expected ink count.
+    haze = 0.55 * ink / (stroke.size - ink)
+    blurred = np.where(stroke == 1, 0.45, haze)
+    assert blurred.sum() == pytest.approx(ink) and not (blurred >= 0.5).any()  # a 0.5 threshold sees nothing
+    assert (metrics.ink_masks(blurred) == (stroke == 1)).all()
+    assert (metrics.ink_masks(np.stack([stroke, blurred])) == (stroke == 1)).all()  # (..., P) batches
+    assert metrics.ink_masks(np.array([0.5, 0.5, 0.5, 0.5])).tolist() == [True, True, False, False]  # ties: first
+    assert not metrics.ink_masks(np.zeros(4)).any()
+
+
+def _bar(width=1, shear=0.0, length=16, side=28):
+    """A vertical bar `width` pixels wide and `length` long, its top shifted right by shear * length."""
+    image = np.zeros((side, side))
+    top = (side - length) // 2
+    for row in range(top, top + length):
+        left = 12 + int(round(shear * (top + length - 1 - row)))
+        image[row, left:left + width] = 1.0
+    return image
+
+
+def test_hand_measures_known_answers():
+    thin, thick = _bar(1), _bar(4)
+    right, left = _bar(1, shear=0.5), _bar(1, shear=-0.5)
+    measures = metrics.hand_measures(np.stack([thin, thick, right, left, np.zeros((28, 28))]))
+    assert measures["thickness"][0] == pytest.approx(1.0)  # every pixel of a one-pixel line is boundary
+    assert measures["thickness"][1] == pytest.approx(64 / (2 * 16 + 2 * 2))  # 4 x 16: inner 2 x 14
+    assert measures["slant"][0] == pytest.approx(0.0) and measures["slant"][1] == pytest.approx(0.0)
+    assert measures["slant"][2] == pytest.approx(0.5, abs=0.05) and measures["slant"][3] == pytest.approx(-0.5, abs=0.05)
+    assert measures["size"][0] == pytest.approx(np.sqrt((16 ** 2 - 1) / 12))  # the spread of 16 rows
+    assert measures["size"][1] > measures["size"][0]
+    assert [measures[m][4] for m in ("thickness", "slant", "size")] == [0.0, 0.0, 0.0]  # no ink
+
+
+def test_distinct_hands_pick_each_extreme_once():
+    images = np.stack([_bar(1, length=10), _bar(4), _bar(1, shear=0.5), _bar(1, shear=-0.5), _bar(2, length=24)])
+    picked, names = metrics.distinct_hands(images)
+    assert names == ["thick", "thin", "leaning right", "leaning left", "large"]  # 5 drawings: the sixth has none left
+    assert picked.tolist() == [1, 0, 2, 3, 4]
+    assert sorted(picked.tolist()) == list(range(5))
+    assert metrics.distinct_hands(images, 2)[1] == ["thick", "thin"]
+
+
 def test_ink_distance_and_style_effect_known_answers():
-    a, b, c = np.zeros(4), np.zeros(4), np.zeros(4)
-    a[[0, 1]], b[[1, 2]], c[[0, 1]] = 0.9, 0.6, 1.0  # masks {0, 1}, {1, 2}, {0, 1}
-    # Pairs (a, b): 1 - 1/3; (a, c): 0; (b, c): 1 - 1/3. Grey levels below 0.5 are not ink.
+    # Each mask is the round(sum) darkest pixels: {0, 1}, {1, 2}, {0, 1}.
+    a, b, c = np.array([0.9, 0.9, 0.1, 0.1]), np.array([0.1, 0.7, 0.8, 0.4]), np.array([1.0, 1.0, 0.0, 0.0])
+    # Pairs (a, b): 1 - 1/3; (a, c): 0; (b, c): 1 - 1/3.
     assert metrics._ink_distance(np.stack([a, b, c])[None]) == pytest.approx([4 / 9])
-    assert metrics._ink_distance(np.stack([a, 0.4 * b])[None]) == pytest.approx([1.0])
+    assert metrics._ink_distance(np.stack([a, 0.4 * b])[None]) == pytest.approx([1.0])  # 0.4 b: mask {2}
     assert metrics._ink_distance(np.zeros((1, 2, 4))) == pytest.approx([0.0])  # two empty masks
     real = np.stack([np.stack([a, b, c]), np.stack([a, c, c])])  # (2 characters, 3 drawers, 4 pixels)
     result = metrics._style_effect(np.stack([np.stack([a, a, a])] * 2), real)  # the style changes nothing
@@ -992,6 +1040,7 @@ def _known_codes(style: str, seed=0):
 
 @pytest.mark.filterwarnings("ignore:Number of distinct clusters")  # k-means of 8 distinct drawer codes into 50
 def test_code_metrics_known_answers(tmp_path):
+    from omnivae import evaluate
     from omnivae.evaluate import code_metrics, pixel_baseline
     from omnivae.registry import METRICS
 
@@ -1033,7 +1082,7 @@ def test_code_metrics_known_answers(tmp_path):
     assert pixels["pixel_20way_1shot"] == pixels["pixel_5way_1shot"] == 1.0
     assert pixels["pixel_20way_1shot_ci95"] == 0.0 and pixels["pixel_kmeans_accuracy"] > 0.95
     (cached,) = tmp_path.glob("pixels_*.json")
-    assert cached.name.startswith("pixels_v3_")
+    assert cached.name.startswith(f"pixels_v{evaluate.PROTOCOL_VERSION}_")
     assert pixel_baseline(test, seed=0, cache_dir=tmp_path, episodes=500) == pixels
 
 

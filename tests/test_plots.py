@@ -61,6 +61,13 @@ def test_reconstruction_swap_and_interpolation_grids(tmp_path):
                                       row_labels=["content", "style"]))
     with pytest.raises(ValueError):
         plots.swap_grid(images[:2], images[3:7], strokes(12).reshape(3, 4, 28, 28), tmp_path / "bad.png")
+    plain = read_png(tmp_path / "swap.png")
+    labelled = read_png(plots.swap_grid(images[:3], images[3:7], strokes(12).reshape(3, 4, 28, 28),
+                                        tmp_path / "hands.png", style_labels=["thick", "thin", "large", "small"]))
+    assert labelled.shape[0] > plain.shape[0]  # a line of labels above the style images
+    with pytest.raises(ValueError, match="4 style images"):
+        plots.swap_grid(images[:3], images[3:7], strokes(12).reshape(3, 4, 28, 28), tmp_path / "bad.png",
+                        style_labels=["thick"])
     assert no_temporaries(tmp_path)
 
 

@@ -427,3 +427,23 @@ def test_the_decoder_models_the_target_when_one_is_given():
     out = twin.model(x, 4, Noise(torch.randn(4, cfg.content_dim), torch.randn(16, cfg.style_dim)))
     assert torch.allclose(terms["recon"], bernoulli_nll(out.logits, t), rtol=1e-4)
     assert not torch.allclose(terms["recon"], bernoulli_nll(out.logits, x), rtol=1e-3)
+
+
+def test_transfer_term_decodes_each_content_with_its_pairs_style():
+    from omnivae.losses import bernoulli_nll
+    from omnivae.model import Noise
+    from omnivae.train import _loss
+
+    torch.manual_seed(0)
+    cfg = tiny_config(transfer_weight=2.0)
+    parts = build_parts(cfg, classes=8, device=torch.device("cpu"))
+    x, label = torch.rand(16, 1, 28, 28), torch.arange(4).repeat_interleave(4)
+    out = parts.model(x, 4, Noise(torch.randn(4, cfg.content_dim), torch.randn(16, cfg.style_dim)))
+    loss, terms = _loss(parts, cfg, x, label, 1.0, out)
+    pair = torch.tensor([(r // 4 ^ 1) * 4 + r % 4 for r in range(16)])  # drawing m of the paired group
+    expected = bernoulli_nll(parts.model.decode_logits(out.drawing_content_mean, out.style[pair], x), x)
+    assert terms["transfer"].item() == pytest.approx(expected.item(), rel=1e-6)
+    without, _ = _loss(parts, dataclasses.replace(cfg, transfer_weight=0.0), x, label, 1.0, out)
+    assert (loss - without).item() == pytest.approx(2.0 * expected.item(), rel=1e-4)
+    with pytest.raises(ConfigError, match="even number of groups"):
+        tiny_config(transfer_weight=1.0, groups=3)
