@@ -205,10 +205,11 @@ def _loss(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, ramp:
         terms["cross"] = bernoulli_nll(parts.model.decode_logits(out.drawing_content_mean, style, target), target)
         loss = loss + cfg.cross_weight * terms["cross"]
     if cfg.transfer_weight > 0:
-        # Content of each drawing with the style of the same-place drawing of the paired group: another
-        # character, drawn with the same distortion (augment.paired); style that carries character hurts here.
+        # The content code the reconstruction decodes (the group's, shared by its drawings) with the
+        # style of the same-place drawing of the paired group: another character, drawn with the same
+        # distortion (augment.paired). Style that carries the character hurts here.
         style = out.style.view(-1, 2, M, cfg.style_dim).flip(1).reshape(-1, cfg.style_dim)  # (B, Ds)
-        terms["transfer"] = bernoulli_nll(parts.model.decode_logits(out.drawing_content_mean, style, x), x)
+        terms["transfer"] = bernoulli_nll(parts.model.decode_logits(out.content, style, x), x)
         loss = loss + cfg.transfer_weight * terms["transfer"]
     return loss, terms
 

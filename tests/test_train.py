@@ -441,7 +441,8 @@ def test_transfer_term_decodes_each_content_with_its_pairs_style():
     out = parts.model(x, 4, Noise(torch.randn(4, cfg.content_dim), torch.randn(16, cfg.style_dim)))
     loss, terms = _loss(parts, cfg, x, label, 1.0, out)
     pair = torch.tensor([(r // 4 ^ 1) * 4 + r % 4 for r in range(16)])  # drawing m of the paired group
-    expected = bernoulli_nll(parts.model.decode_logits(out.drawing_content_mean, out.style[pair], x), x)
+    expected = bernoulli_nll(parts.model.decode_logits(out.content, out.style[pair], x), x)
+    assert torch.equal(out.content[:4], out.content[:1].expand(4, -1))  # the group's content, not the drawing's
     assert terms["transfer"].item() == pytest.approx(expected.item(), rel=1e-6)
     without, _ = _loss(parts, dataclasses.replace(cfg, transfer_weight=0.0), x, label, 1.0, out)
     assert (loss - without).item() == pytest.approx(2.0 * expected.item(), rel=1e-4)
