@@ -44,6 +44,7 @@ def changed(before, module):
     dict(encoder="conv4", proto_weight=1.0, contrastive_weight=0.0),
     dict(decoder="resnet", cross_weight=1.0),
     dict(decoder="pixelcnn", cross_weight=1.0, style_free_bits=0.01),
+    dict(transfer_weight=1.0, style_regularizer="kl"),
 ])
 def test_one_step_changes_every_trained_weight(overrides):
     torch.manual_seed(0)
