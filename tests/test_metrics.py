@@ -1082,7 +1082,7 @@ def test_code_metrics_known_answers(tmp_path):
     assert pixels["pixel_20way_1shot"] == pixels["pixel_5way_1shot"] == 1.0
     assert pixels["pixel_20way_1shot_ci95"] == 0.0 and pixels["pixel_kmeans_accuracy"] > 0.95
     (cached,) = tmp_path.glob("pixels_*.json")
-    assert cached.name.startswith(f"pixels_v{evaluate.PROTOCOL_VERSION}_")
+    assert cached.name.startswith(f"pixels_v{evaluate.PIXEL_BASELINE_VERSION}_")
     assert pixel_baseline(test, seed=0, cache_dir=tmp_path, episodes=500) == pixels
 
 
