@@ -1111,14 +1111,14 @@ def hand_measures(images) -> dict[str, np.ndarray]:
             "size": np.sqrt(vx + vy)}
 
 
-HANDS = (("thick", "thickness", -1), ("thin", "thickness", 1), ("leaning right", "slant", -1),
-         ("leaning left", "slant", 1), ("large", "size", -1), ("small", "size", 1))  # name, measure, sort sign
+HANDS = (("thick", "thickness", -1), ("thin", "thickness", 1), ("slant /", "slant", -1),
+         ("slant \\", "slant", 1), ("large", "size", -1), ("small", "size", 1))  # name, measure, sort sign
 
 
 def distinct_hands(images, count: int = 6) -> tuple[np.ndarray, list[str]]:
     """Indices of up to `count` drawings whose hands differ visibly, and what each one is.
 
-    In the order of HANDS: the thickest, thinnest, most right- and left-leaning, largest and
+    In the order of HANDS: the thickest, thinnest, most right- and left-leaning ("slant /", "slant \\"), largest and
     smallest drawing by `hand_measures`, each one not picked before; for a swap grid whose style
     sources differ in the ways hands do. Returns (indices (K,), names (K,)), K = min(count, N, 6).
     """

@@ -367,8 +367,8 @@ class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tag
         """The decoder's last feature map (B, C0, S, S) for codes (B, Dc) and (B, Ds)."""
         h = self.expand(torch.cat([content, style], dim=1))  # (B, C * s * s)
         # Channels-last: the transposed convolutions and the last 3x3 convolution run ~1.4x as fast on
-        # a CPU in this layout (a decoding pass, as the likelihood makes a million of them; a training
-        # step ~1.15x), the same numbers up to float rounding.
+        # a CPU in this layout (a decoding pass without gradients, as the likelihood makes a million of
+        # them; a whole training run on 2 cores is not faster), the same numbers up to float rounding.
         h = h.view(-1, self.widths[-1], self.sizes[-1], self.sizes[-1]).contiguous(memory_format=torch.channels_last)
         if self.config.decoder != "resnet":
             return self.upsample(h)  # (B, C0, S, S)

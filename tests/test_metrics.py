@@ -930,7 +930,7 @@ def test_hand_measures_known_answers():
 def test_distinct_hands_pick_each_extreme_once():
     images = np.stack([_bar(1, length=10), _bar(4), _bar(1, shear=0.5), _bar(1, shear=-0.5), _bar(2, length=24)])
     picked, names = metrics.distinct_hands(images)
-    assert names == ["thick", "thin", "leaning right", "leaning left", "large"]  # 5 drawings: the sixth has none left
+    assert names == ["thick", "thin", "slant /", "slant \\", "large"]  # 5 drawings: the sixth has none left
     assert picked.tolist() == [1, 0, 2, 3, 4]
     assert sorted(picked.tolist()) == list(range(5))
     assert metrics.distinct_hands(images, 2)[1] == ["thick", "thin"]
