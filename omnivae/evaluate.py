@@ -28,7 +28,7 @@ from .registry import named
 from .rundir import load
 
 TSNE_POINTS = 4000  # drawings in the by-alphabet t-SNE maps
-SWAP_CANDIDATES = 300  # drawings the swap grid picks its 6 visibly different hands from
+SWAP_CANDIDATES = 15  # characters whose drawings the swap grid picks its 6 visibly different hands from
 # Version of the evaluation protocol, written into the run's metrics: `omnivae compare` warns when
 # runs were measured under different versions. 2: Lake-style few-shot episodes, prior match
 # on sampled codes, one random stream per use, validation alphabets. 3: the swap judge trains
@@ -402,13 +402,15 @@ def make_figures(run_dir: Path, model, test: omni_data.Omniglot, codes: dict, se
                      title=f"prior samples: {kind}")
 
     # Swap: 6 characters (one drawing each) x 6 hands that differ visibly (thick, thin, leaning
-    # right and left, large, small), picked among drawings of other characters.
+    # right and left, large, small): every drawing of SWAP_CANDIDATES other characters, each
+    # measured against the other drawings of its character, so the extremes are hands, not shapes.
     chars = rng.choice(np.unique(test.character), 12, replace=len(np.unique(test.character)) < 12)
     first = np.array([np.flatnonzero(test.character == c)[0] for c in chars])
-    others = np.flatnonzero(~np.isin(test.character, chars[:6]))
-    others = others if len(others) else np.arange(len(test))
-    candidates = np.sort(rng.choice(others, min(len(others), SWAP_CANDIDATES), replace=False))
-    hands, hand_names = metrics.distinct_hands(images[torch.as_tensor(candidates)], 6)
+    others = np.setdiff1d(np.unique(test.character), chars[:6])
+    others = others if len(others) else np.unique(test.character)
+    candidates = np.flatnonzero(np.isin(test.character, rng.choice(others, min(len(others), SWAP_CANDIDATES),
+                                                                   replace=False)))
+    hands, hand_names = metrics.distinct_hands(images[torch.as_tensor(candidates)], 6, test.character[candidates])
     content_images, style_images = images[first[:6]], images[torch.as_tensor(candidates[hands])]
     plots.swap_grid(content_images, style_images, generate.swap(model, content_images, style_images, picks_seed),
                     out / "swap.png", title=f"content/style swap: {kind}", style_labels=hand_names)

@@ -1085,7 +1085,7 @@ def _style_effect(decoded, real) -> dict:
             "real_distance": real_distance}
 
 
-def hand_measures(images) -> dict[str, np.ndarray]:
+def hand_measures(images, groups=None) -> dict[str, np.ndarray]:
     """What makes hands look different, measured on each drawing's ink mask (`ink_masks`).
 
     images: (N, 1, S, S) or (N, S, S) grey levels in [0, 1] (ink = 1). Returns (N,) arrays:
@@ -1093,6 +1093,8 @@ def hand_measures(images) -> dict[str, np.ndarray]:
     one-pixel line, about w / 2 for strokes w pixels wide; slant: the shear -cov(x, y) / var(y) of
     the ink's coordinates (x to the right, y down), positive when the ink leans right like "/";
     size: the ink's spread sqrt(var(x) + var(y)) in pixels. A drawing without ink gets 0 for all three.
+    groups: (N,) labels (e.g. the character) to measure each drawing against its group's mean:
+    thickness and slant minus it, size divided by it.
     """
     images = _as_numpy(images).astype(np.float64)
     images = images.reshape(len(images), *images.shape[-2:])  # (N, S, S)
@@ -1106,23 +1108,32 @@ def hand_measures(images) -> dict[str, np.ndarray]:
     mx, my = (weight * x).sum((1, 2)), (weight * y).sum((1, 2))
     dx, dy = x - mx[:, None, None], y - my[:, None, None]
     vx, vy, cxy = (weight * dx * dx).sum((1, 2)), (weight * dy * dy).sum((1, 2)), (weight * dx * dy).sum((1, 2))
-    return {"thickness": count / np.maximum(boundary, 1),
-            "slant": np.where(vy > 0, -cxy / np.maximum(vy, 1e-12), 0.0),
-            "size": np.sqrt(vx + vy)}
+    measures = {"thickness": count / np.maximum(boundary, 1),
+                "slant": np.where(vy > 0, -cxy / np.maximum(vy, 1e-12), 0.0),
+                "size": np.sqrt(vx + vy)}
+    if groups is not None:
+        _, inverse = np.unique(_as_numpy(groups).ravel(), return_inverse=True)
+        counts = np.bincount(inverse)
+        for name, values in measures.items():
+            mean = (np.bincount(inverse, weights=values) / counts)[inverse]  # (N,) each drawing's group mean
+            measures[name] = values / np.maximum(mean, 1e-12) if name == "size" else values - mean
+    return measures
 
 
 HANDS = (("thick", "thickness", -1), ("thin", "thickness", 1), ("slant /", "slant", -1),
          ("slant \\", "slant", 1), ("large", "size", -1), ("small", "size", 1))  # name, measure, sort sign
 
 
-def distinct_hands(images, count: int = 6) -> tuple[np.ndarray, list[str]]:
+def distinct_hands(images, count: int = 6, groups=None) -> tuple[np.ndarray, list[str]]:
     """Indices of up to `count` drawings whose hands differ visibly, and what each one is.
 
-    In the order of HANDS: the thickest, thinnest, most right- and left-leaning ("slant /", "slant \\"), largest and
-    smallest drawing by `hand_measures`, each one not picked before; for a swap grid whose style
-    sources differ in the ways hands do. Returns (indices (K,), names (K,)), K = min(count, N, 6).
+    In the order of HANDS: the thickest, thinnest, most right- and left-leaning ("slant /",
+    "slant \\"), largest and smallest drawing by `hand_measures`, each one not picked before; for
+    a swap grid whose style sources differ in the ways hands do. groups: (N,) labels, e.g. the
+    character, to measure each drawing against its group (`hand_measures`), so that a character
+    drawn diagonally or large does not pass for a slanted or large hand. Returns (indices (K,), names (K,)), K = min(count, N, 6).
     """
-    measures = hand_measures(images)
+    measures = hand_measures(images, groups)
     picked, names = [], []
     for name, measure, sign in HANDS[:count]:
         for i in np.argsort(sign * measures[measure], kind="stable"):

@@ -934,6 +934,14 @@ def test_distinct_hands_pick_each_extreme_once():
     assert picked.tolist() == [1, 0, 2, 3, 4]
     assert sorted(picked.tolist()) == list(range(5))
     assert metrics.distinct_hands(images, 2)[1] == ["thick", "thin"]
+    # Against their character: bars 24 and 22 long are one character, 8 and 9 another.
+    sizes = np.stack([_bar(1, length=24), _bar(1, length=22), _bar(1, length=8), _bar(1, length=9)])
+    spread = metrics.hand_measures(sizes)["size"]
+    relative = metrics.hand_measures(sizes, groups=[7, 7, 3, 3])
+    assert relative["size"] == pytest.approx(np.concatenate([spread[:2] / spread[:2].mean(), spread[2:] / spread[2:].mean()]))
+    assert np.argmax(spread) == 0 and np.argmax(relative["size"]) == 3  # the 9-long bar is large for its character
+    assert np.argmin(spread) == 2 and np.argmin(relative["size"]) == 2
+    assert relative["thickness"] == pytest.approx(0.0) and relative["slant"] == pytest.approx(0.0)  # all alike
 
 
 def test_ink_distance_and_style_effect_known_answers():
