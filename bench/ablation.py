@@ -186,7 +186,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     rows = []
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_exit_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         for row in pool.map(one_run, jobs):
             rows.append(row)
             print(f"[{time.time() - started:.0f}s] {row['variant']} seed {row['seed']}: "
@@ -198,6 +199,19 @@ def main(argv=None) -> int:
     print(f"\n{args.preset} preset, {args.epochs} epochs, seeds {args.seeds}, scored on the {args.split} split:\n")
     print(table(rows))
     return 0
+
+
+def _exit_with_parent(parent: int, every: float = 2.0) -> None:
+    """In each job's process: end it when the sweep that started it ends (killed, not interrupted),
+    so that no orphaned run goes on writing into a folder a rerun of the sweep resumes."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 if __name__ == "__main__":

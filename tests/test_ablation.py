@@ -110,3 +110,27 @@ def test_named_variants_give_their_settings_and_build_valid_configs(ablation):
         assert cfg.encoder == ("conv4" if "conv4" in name else "conv")
         assert cfg.proto_weight == (10.0 if "proto" in name else 0.0)
         assert cfg.contrastive_weight == (0.0 if name == "proto_only" else 100.0)
+
+
+def test_a_jobs_process_ends_when_its_sweep_is_gone():
+    """A job's process watches the sweep's process: killed sweeps leave no orphan writing into a run folder."""
+    import os
+    import subprocess
+    import sys
+
+    def job_process(parent: int) -> subprocess.Popen:
+        code = ("import importlib.util, time; spec = importlib.util.spec_from_file_location('ablation', {path!r}); "
+                "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+                "m._exit_with_parent({parent}, every=0.05); time.sleep(60)")
+        return subprocess.Popen([sys.executable, "-c", code.format(path=str(ROOT / "bench" / "ablation.py"),
+                                                                   parent=parent)])
+
+    orphan = job_process(parent=-1)  # its parent is not the sweep it was told: as when the sweep died
+    assert orphan.wait(timeout=30) == 1
+    kept = job_process(parent=os.getpid())  # the sweep (this process) is alive: the job goes on
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            kept.wait(timeout=3)
+    finally:
+        kept.kill()
+        kept.wait()
