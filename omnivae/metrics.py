@@ -1198,9 +1198,11 @@ def style_effect(model, images, character, alphabet, drawer, styles: int = 5, se
     0: the style code does nothing; about 1: styles vary a drawing as much as hands do; above
     1: the decodings differ more than hands make a character differ (the style carries more
     than the hand, e.g. the character; see `swap_consistency`). An autoregressive decoder's
-    decodings are binary drawings sampled with torch.Generator(seed). codes: the posterior means
-    (content (N, Dc), style (N, Ds)) of `images` when already computed; else they are encoded.
-    Returns {"style_effect", "decoded_distance", "real_distance", "characters", "styles"}.
+    decodings are binary drawings sampled with torch.Generator(seed), and differ even where the
+    style changes nothing: `floor` is the same ratio for S samples of each content with one
+    style (0 for a deterministic decoder), the style effect's noise floor. codes: the posterior
+    means (content (N, Dc), style (N, Ds)) of `images` when already computed; else they are encoded.
+    Returns {"style_effect", "floor", "decoded_distance", "real_distance", "characters", "styles"}.
     """
     images = _as_images(images)
     content_rows, style_rows, real_rows = style_effect_drawings(character, alphabet, drawer, styles, seed)
@@ -1225,4 +1227,15 @@ def style_effect(model, images, character, alphabet, drawer, styles: int = 5, se
     real = images[torch.as_tensor(real_rows.reshape(-1))]  # (C * S, 1, H, W)
     result = _style_effect(decoded.numpy().reshape(len(content_rows), styles, -1),
                            real.numpy().reshape(len(content_rows), styles, -1))
-    return {**result, "characters": len(content_rows), "styles": styles}
+    floor = 0.0  # a deterministic decoder draws the same codes the same way
+    if getattr(model, "autoregressive", False):  # samples differ even where the style does not: sampling alone
+        same = np.repeat(s[::styles], styles, axis=0)  # (C * S, Ds) each content's first style, S times
+        model.eval()
+        try:
+            again = torch.cat([model.decode(torch.from_numpy(c[i:i + batch_size]),
+                                            torch.from_numpy(same[i:i + batch_size]), generator=generator).cpu()
+                               for i in range(0, len(c), batch_size)])
+        finally:
+            model.train(was_training)
+        floor = float(_ink_distance(again.numpy().reshape(len(content_rows), styles, -1)).mean()) / result["real_distance"]
+    return {**result, "floor": floor, "characters": len(content_rows), "styles": styles}

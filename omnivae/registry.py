@@ -201,7 +201,12 @@ _RECORDS: list[Metric] = [
     Metric("style_effect", "style effect", "How much decodings of one content differ across the style codes of 5 "
            "other drawers (drawings of other characters), over how much real drawings of the character by those "
            "drawers differ: mean pairwise Jaccard distance of ink masks (each drawing's expected ink count of darkest "
-           "pixels). 0: the style code does nothing; about 1: as much as hands.", None, "metrics.style_effect", "style_effect", paper=STYLE_EFFECT),
+           "pixels). 0: the style code does nothing; about 1: as much as hands.", None, "metrics.style_effect",
+           "style_effect", paper=STYLE_EFFECT),
+    Metric("style_effect_floor", "style effect floor", "The style effect's noise floor: the same ratio for samples "
+           "of each content with one style code. 0 for a deterministic decoder; an autoregressive decoder's samples "
+           "differ by chance, and its style effect reads only above this.", None, "metrics.style_effect", "floor",
+           paper=STYLE_EFFECT),
     # Likelihood.
     Metric("nll_iwae", "NLL (nats)", "Negative log-likelihood per dynamically binarised test image, k-sample "
            "importance-weighted bound with the encoder as proposal, in nats.", LOWER, "metrics.iwae_nll", "nll",

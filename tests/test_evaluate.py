@@ -49,9 +49,14 @@ def test_style_effect_and_transfer_metrics_on_a_tiny_model():
 
     data = synthetic_omniglot(characters=6, drawers=4)  # 4 drawers: 3 styles per content
     result = style_effect_metrics(_tiny_model(), data, data.tensors(), seed=0)
-    assert set(result) == {"style_effect"} and result["style_effect"] >= 0
+    assert set(result) == {"style_effect", "style_effect_floor"} and result["style_effect"] >= 0
+    assert result["style_effect_floor"] == 0.0  # the deconv decoder draws the same codes the same way
+    sampled = style_effect_metrics(_tiny_model(decoder="pixelcnn", pixelcnn_layers=2, pixelcnn_channels=4), data,
+                                   data.tensors(), seed=0)
+    assert sampled["style_effect_floor"] > 0  # binary samples differ by chance
     two = synthetic_omniglot(characters=6, drawers=2)  # one style per content: no spread to measure
-    assert style_effect_metrics(_tiny_model(), two, two.tensors(), seed=0) == {"style_effect": None}
+    assert style_effect_metrics(_tiny_model(), two, two.tensors(), seed=0) == {"style_effect": None,
+                                                                                "style_effect_floor": None}
     digits = transfer_metrics(_tiny_model(), 28, seed=0, episodes=20)
     assert set(digits) <= set(METRICS) and len(digits) == 8
     for key in ("digits_10way_1shot", "digits_10way_5shot", "digits_pixel_10way_1shot", "digits_pixel_10way_5shot"):

@@ -1014,7 +1014,27 @@ def test_style_effect_of_known_decoders():
     assert 0.5 < result["style_effect"] < 2.0  # random patterns: about as spread as the real ones
     codes = tuple(torch.from_numpy(images).flatten(1).numpy() for _ in range(2))  # what encode gives
     assert metrics.style_effect(ImageCodes("image"), images, *args, styles=5, seed=0, codes=codes) == result
-    assert result["characters"] == 50 and result["styles"] == 5
+    assert result["characters"] == 50 and result["styles"] == 5 and result["floor"] == 0.0
+
+
+class NoisyDecoder(ImageCodes):
+    """An autoregressive stand-in that ignores the style: each decoding a fresh random binary pattern
+    (half its pixels ink), so all its spread is sampling's."""
+
+    autoregressive = True
+
+    def decode(self, content, style, generator=None):
+        side = math.isqrt(content.shape[1])
+        return (torch.rand(len(content), 1, side, side, generator=generator) < 0.5).float()
+
+
+def test_style_effect_floor_of_a_sampling_decoder():
+    test, _ = _known_codes("random")
+    images = np.random.default_rng(0).random((len(test), 1, 8, 8)).astype(np.float32)
+    result = metrics.style_effect(NoisyDecoder("ignored"), images, test.character, test.alphabet, test.drawer,
+                                  styles=5, seed=0)
+    assert result["style_effect"] > 0.5  # samples differ though the style does nothing...
+    assert result["floor"] == pytest.approx(result["style_effect"], rel=0.05)  # ...and the floor says so
 
 
 # ---- code metrics end to end -------------------------------------------------------------------
