@@ -33,6 +33,7 @@ from PIL import Image
 
 from . import data as omni_data
 from . import generate
+from .metrics import hand_measures, stroke_measures
 from .rundir import load, read_config
 
 MAX_BODY = 2 * 1024 * 1024  # bytes a request may carry: a drawing as a PNG data URI is ~10-50 kB
@@ -156,29 +157,6 @@ def png_uri(probabilities) -> str:
 # Start-up computations on plain arrays
 
 
-def stroke_measures(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Stroke thickness, slant and height of each drawing; images (N, S, S), ink in [0, 1].
-
-    thickness: mean ink of the pixels the drawing touches. A thin stroke half-covers the pixels
-    it crosses, a thick one covers them fully, whatever the character.
-    slant: shear of the ink, -cov(x, y) / var(y) from the second moments (x right, y down), the
-    angle that deskewing would undo: > 0 leans right (top right of the bottom), 0 is upright.
-    height: standard deviation of the ink's rows, in pixels; slant means little when it is small.
-    """
-    ink = images.astype(np.float64)  # (N, S, S)
-    touched = (ink > 0).sum((1, 2))
-    total = ink.sum((1, 2))
-    thickness = total / np.maximum(touched, 1)
-    y, x = np.mgrid[0:images.shape[1], 0:images.shape[2]].astype(np.float64)  # (S, S) each
-    weight = ink / np.maximum(total, 1e-9)[:, None, None]
-    mean_x, mean_y = (weight * x).sum((1, 2)), (weight * y).sum((1, 2))  # (N,)
-    dx, dy = x - mean_x[:, None, None], y - mean_y[:, None, None]  # (N, S, S)
-    var_y = (weight * dy**2).sum((1, 2))
-    cov_xy = (weight * dx * dy).sum((1, 2))
-    slant = -cov_xy / np.maximum(var_y, 1e-9)
-    return thickness, slant, np.sqrt(var_y)
-
-
 @dataclass
 class Example:
     name: str  # thick, thin, slanted, upright
@@ -198,13 +176,9 @@ def choose_examples(images: np.ndarray, character: np.ndarray) -> list[Example]:
     of a flat drawing is mostly noise.
     """
     thickness, slant, height = stroke_measures(images)
-    _, inverse = np.unique(character, return_inverse=True)
-    counts = np.bincount(inverse).astype(np.float64)
-
-    def character_mean(values):  # (N,): the mean of each row's character
-        return (np.bincount(inverse, weights=values) / counts)[inverse]
-
-    thick_rel, slant_rel = thickness - character_mean(thickness), slant - character_mean(slant)
+    relative = hand_measures(images, character)  # against the other drawings of the character
+    thick_rel, slant_rel = relative["thickness"], relative["slant"]
+    characters = len(np.unique(character))
     amount = images.reshape(len(images), -1).sum(1)
     low, high = np.percentile(amount, [10, 90])
     ordinary = (amount >= low) & (amount <= high)
@@ -214,7 +188,7 @@ def choose_examples(images: np.ndarray, character: np.ndarray) -> list[Example]:
     def pick(score, allowed):
         allowed = allowed & ~np.isin(character, list(taken))
         if not allowed.any():  # tiny data sets: relax the filters rather than fail
-            allowed = ~np.isin(character, list(taken)) if len(taken) < len(counts) else np.ones_like(allowed)
+            allowed = ~np.isin(character, list(taken)) if len(taken) < characters else np.ones_like(allowed)
         rows = np.flatnonzero(allowed)
         row = int(rows[np.argmax(score[rows])])
         taken.add(character[row])
@@ -227,7 +201,7 @@ def choose_examples(images: np.ndarray, character: np.ndarray) -> list[Example]:
     # drew the character.
     straight = tall & (np.abs(slant) <= np.percentile(np.abs(slant[tall]) if tall.any() else np.abs(slant), 10))
     upright = pick(-slant_rel, straight)
-    mean_thickness, mean_slant = character_mean(thickness), character_mean(slant)
+    mean_thickness, mean_slant = thickness - thick_rel, slant - slant_rel  # each row's character mean
     return [
         Example("thick", thick, f"thickest strokes: ink covers {thickness[thick]:.0%} of the pixels it touches "
                 f"(all drawings of this character: {mean_thickness[thick]:.0%})"),

@@ -1085,32 +1085,39 @@ def _style_effect(decoded, real) -> dict:
             "real_distance": real_distance}
 
 
-def hand_measures(images, groups=None) -> dict[str, np.ndarray]:
-    """What makes hands look different, measured on each drawing's ink mask (`ink_masks`).
+def stroke_measures(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stroke thickness, slant and height of each drawing; images (N, S, S), ink in [0, 1].
 
-    images: (N, 1, S, S) or (N, S, S) grey levels in [0, 1] (ink = 1). Returns (N,) arrays:
-    thickness: ink pixels per boundary pixel (an ink pixel with a non-ink 4-neighbour): 1 for a
-    one-pixel line, about w / 2 for strokes w pixels wide; slant: the shear -cov(x, y) / var(y) of
-    the ink's coordinates (x to the right, y down), positive when the ink leans right like "/";
-    size: the ink's spread sqrt(var(x) + var(y)) in pixels. A drawing without ink gets 0 for all three.
-    groups: (N,) labels (e.g. the character) to measure each drawing against its group's mean:
-    thickness and slant minus it, size divided by it.
+    thickness: mean ink of the pixels the drawing touches. A thin stroke half-covers the pixels
+    it crosses, a thick one covers them fully, whatever the character.
+    slant: shear of the ink, -cov(x, y) / var(y) from the second moments (x right, y down), the
+    angle that deskewing would undo: > 0 leans right (top right of the bottom), 0 is upright.
+    height: standard deviation of the ink's rows, in pixels; slant means little when it is small.
+    """
+    ink = images.astype(np.float64)  # (N, S, S)
+    touched = (ink > 0).sum((1, 2))
+    total = ink.sum((1, 2))
+    thickness = total / np.maximum(touched, 1)
+    y, x = np.mgrid[0:images.shape[1], 0:images.shape[2]].astype(np.float64)  # (S, S) each
+    weight = ink / np.maximum(total, 1e-9)[:, None, None]
+    mean_x, mean_y = (weight * x).sum((1, 2)), (weight * y).sum((1, 2))  # (N,)
+    dx, dy = x - mean_x[:, None, None], y - mean_y[:, None, None]  # (N, S, S)
+    var_y = (weight * dy**2).sum((1, 2))
+    cov_xy = (weight * dx * dy).sum((1, 2))
+    slant = -cov_xy / np.maximum(var_y, 1e-9)
+    return thickness, slant, np.sqrt(var_y)
+
+
+def hand_measures(images, groups=None) -> dict[str, np.ndarray]:
+    """What makes hands look different, from `stroke_measures`: {"thickness", "slant", "size"}, (N,) each.
+
+    images: (N, 1, S, S) or (N, S, S) ink in [0, 1]; size is the ink's height (its rows' standard
+    deviation, in pixels). groups: (N,) labels (e.g. the character) to measure each drawing
+    against its group's mean: thickness and slant minus it, size divided by it.
     """
     images = _as_numpy(images).astype(np.float64)
-    images = images.reshape(len(images), *images.shape[-2:])  # (N, S, S)
-    ink = ink_masks(images.reshape(len(images), -1)).reshape(images.shape)
-    padded = np.pad(ink, ((0, 0), (1, 1), (1, 1)))
-    inner = padded[:, :-2, 1:-1] & padded[:, 2:, 1:-1] & padded[:, 1:-1, :-2] & padded[:, 1:-1, 2:]
-    count = ink.sum((1, 2))
-    boundary = (ink & ~inner).sum((1, 2))
-    y, x = np.mgrid[: images.shape[1], : images.shape[2]]
-    weight = ink / np.maximum(count, 1)[:, None, None]
-    mx, my = (weight * x).sum((1, 2)), (weight * y).sum((1, 2))
-    dx, dy = x - mx[:, None, None], y - my[:, None, None]
-    vx, vy, cxy = (weight * dx * dx).sum((1, 2)), (weight * dy * dy).sum((1, 2)), (weight * dx * dy).sum((1, 2))
-    measures = {"thickness": count / np.maximum(boundary, 1),
-                "slant": np.where(vy > 0, -cxy / np.maximum(vy, 1e-12), 0.0),
-                "size": np.sqrt(vx + vy)}
+    thickness, slant, height = stroke_measures(images.reshape(len(images), *images.shape[-2:]))
+    measures = {"thickness": thickness, "slant": slant, "size": height}
     if groups is not None:
         _, inverse = np.unique(_as_numpy(groups).ravel(), return_inverse=True)
         counts = np.bincount(inverse)

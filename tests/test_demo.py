@@ -31,6 +31,7 @@ from fixtures import expected_ink, find_chromium, make_tiny_omniglot, png_bytes,
 from omnivae import cli, load
 from omnivae import data as omni_data
 from omnivae import demo as omni_demo
+from omnivae import metrics
 from omnivae.config import make_config
 from omnivae.demo import Demo, DemoError
 from omnivae.train import train
@@ -132,7 +133,7 @@ def bar(shear=0.0, length=16, value=0.75, size=28) -> np.ndarray:
 
 
 def test_stroke_measures_known_answers():
-    thickness, slant, height = omni_demo.stroke_measures(np.stack([bar(), bar(0.5), bar(-0.5, value=1.0)]))
+    thickness, slant, height = metrics.stroke_measures(np.stack([bar(), bar(0.5), bar(-0.5, value=1.0)]))
     np.testing.assert_allclose(thickness, [0.75, 0.75, 1.0])
     np.testing.assert_allclose(slant, [0.0, 0.5, -0.5], atol=0.03)
     np.testing.assert_allclose(height[0], np.sqrt((16**2 - 1) / 12))  # 16 rows, evenly inked

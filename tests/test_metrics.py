@@ -904,44 +904,39 @@ def test_ink_masks_need_no_threshold():
     assert not metrics.ink_masks(np.zeros(4)).any()
 
 
-def _bar(width=1, shear=0.0, length=16, side=28):
-    """A vertical bar `width` pixels wide and `length` long, its top shifted right by shear * length."""
+def _bar(shear=0.0, length=16, value=0.75, side=28):
+    """A one-pixel-wide stroke `length` rows tall and `value` grey, its top shifted right by shear * length."""
     image = np.zeros((side, side))
     top = (side - length) // 2
     for row in range(top, top + length):
-        left = 12 + int(round(shear * (top + length - 1 - row)))
-        image[row, left:left + width] = 1.0
+        image[row, 12 + int(round(shear * (top + length - 1 - row)))] = value
     return image
 
 
 def test_hand_measures_known_answers():
-    thin, thick = _bar(1), _bar(4)
-    right, left = _bar(1, shear=0.5), _bar(1, shear=-0.5)
-    measures = metrics.hand_measures(np.stack([thin, thick, right, left, np.zeros((28, 28))]))
-    assert measures["thickness"][0] == pytest.approx(1.0)  # every pixel of a one-pixel line is boundary
-    assert measures["thickness"][1] == pytest.approx(64 / (2 * 16 + 2 * 2))  # 4 x 16: inner 2 x 14
-    assert measures["slant"][0] == pytest.approx(0.0) and measures["slant"][1] == pytest.approx(0.0)
-    assert measures["slant"][2] == pytest.approx(0.5, abs=0.05) and measures["slant"][3] == pytest.approx(-0.5, abs=0.05)
+    bars = np.stack([_bar(), _bar(value=1.0), _bar(0.5), _bar(-0.5), _bar(length=8)])
+    measures = metrics.hand_measures(bars)
+    assert measures["thickness"] == pytest.approx([0.75, 1.0, 0.75, 0.75, 0.75])  # the ink of the touched pixels
+    assert measures["slant"] == pytest.approx([0.0, 0.0, 0.5, -0.5, 0.0], abs=0.05)
     assert measures["size"][0] == pytest.approx(np.sqrt((16 ** 2 - 1) / 12))  # the spread of 16 rows
-    assert measures["size"][1] > measures["size"][0]
-    assert [measures[m][4] for m in ("thickness", "slant", "size")] == [0.0, 0.0, 0.0]  # no ink
-
-
-def test_distinct_hands_pick_each_extreme_once():
-    images = np.stack([_bar(1, length=10), _bar(4), _bar(1, shear=0.5), _bar(1, shear=-0.5), _bar(2, length=24)])
-    picked, names = metrics.distinct_hands(images)
-    assert names == ["thick", "thin", "slant /", "slant \\", "large"]  # 5 drawings: the sixth has none left
-    assert picked.tolist() == [1, 0, 2, 3, 4]
-    assert sorted(picked.tolist()) == list(range(5))
-    assert metrics.distinct_hands(images, 2)[1] == ["thick", "thin"]
+    assert measures["size"][4] == pytest.approx(np.sqrt((8 ** 2 - 1) / 12))
     # Against their character: bars 24 and 22 long are one character, 8 and 9 another.
-    sizes = np.stack([_bar(1, length=24), _bar(1, length=22), _bar(1, length=8), _bar(1, length=9)])
+    sizes = np.stack([_bar(length=24), _bar(length=22), _bar(length=8), _bar(length=9)])
     spread = metrics.hand_measures(sizes)["size"]
     relative = metrics.hand_measures(sizes, groups=[7, 7, 3, 3])
     assert relative["size"] == pytest.approx(np.concatenate([spread[:2] / spread[:2].mean(), spread[2:] / spread[2:].mean()]))
     assert np.argmax(spread) == 0 and np.argmax(relative["size"]) == 3  # the 9-long bar is large for its character
     assert np.argmin(spread) == 2 and np.argmin(relative["size"]) == 2
-    assert relative["thickness"] == pytest.approx(0.0) and relative["slant"] == pytest.approx(0.0)  # all alike
+    assert relative["thickness"] == pytest.approx(0.0) and relative["slant"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_distinct_hands_pick_each_extreme_once():
+    images = np.stack([_bar(length=10), _bar(value=1.0), _bar(0.5), _bar(-0.5), _bar(length=24), _bar(value=0.4)])
+    picked, names = metrics.distinct_hands(images)
+    assert names == ["thick", "thin", "slant /", "slant \\", "large", "small"]
+    assert picked.tolist() == [1, 5, 2, 3, 4, 0]
+    assert metrics.distinct_hands(images, 2)[1] == ["thick", "thin"]
+    assert metrics.distinct_hands(images[:3])[1] == ["thick", "thin", "slant /"]  # one drawing per hand at most
 
 
 def test_ink_distance_and_style_effect_known_answers():
