@@ -322,7 +322,10 @@ def test_cli_reports_a_busy_port_in_one_line(tiny, monkeypatch, capsys):
 
 
 def test_cli_serves_until_ctrl_c(tiny):
-    code = ("import functools, sys; from omnivae import cli, data; "
+    # Ctrl-C as a terminal delivers it: a shell that starts the tests in the background makes them
+    # ignore SIGINT, and a child process keeps that, so the demo gets Python's handler back first.
+    code = ("import functools, signal, sys; from omnivae import cli, data; "
+            "signal.signal(signal.SIGINT, signal.default_int_handler); "
             "data.load_set = functools.partial(data.load_set, check_counts=False); sys.exit(cli.main(sys.argv[1:]))")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     process = subprocess.Popen([sys.executable, "-c", code, "--quiet", "demo", str(tiny.run), "--no-browser",
