@@ -60,7 +60,7 @@ class Config:
     proto_temperature: float = 1.0  # the prototypical term's squared distances are divided by it (1: as Snell et al.)
     style_adversary_weight: float = 0.0  # gradient-reversal character classifier on the style code
     cross_weight: float = 0.0  # cross-reconstruction: content of one drawing, style of another of the same character
-    transfer_weight: float = 0.0  # style transfer: groups come in pairs whose drawings share their distortions; each drawing is also decoded from its own content and the style of its pair's drawing (another character, the same distortion)
+    transfer_weight: float = 0.0  # style transfer: groups come in pairs whose drawings share their distortions; each drawing is also decoded from its group's content code and the style of its pair's drawing (another character, the same distortion)
     rotations: bool = False  # characters turned by 90, 180, 270 degrees count as new training characters
     augment: float = 0.0  # strength of random affine and stroke-width distortions of each training drawing; 0 turns them off, 1 is Koch et al.'s ranges
     binarize: bool = False  # train on dynamically binarised drawings (a fresh Bernoulli draw of each pixel every time), as the likelihood is scored

@@ -33,7 +33,7 @@ from PIL import Image
 
 from . import data as omni_data
 from . import generate
-from .metrics import hand_measures, stroke_measures
+from .metrics import against_groups, stroke_measures
 from .rundir import load, read_config
 
 MAX_BODY = 2 * 1024 * 1024  # bytes a request may carry: a drawing as a PNG data URI is ~10-50 kB
@@ -176,7 +176,7 @@ def choose_examples(images: np.ndarray, character: np.ndarray) -> list[Example]:
     of a flat drawing is mostly noise.
     """
     thickness, slant, height = stroke_measures(images)
-    relative = hand_measures(images, character)  # against the other drawings of the character
+    relative = against_groups({"thickness": thickness, "slant": slant}, character)  # against the character's drawings
     thick_rel, slant_rel = relative["thickness"], relative["slant"]
     characters = len(np.unique(character))
     amount = images.reshape(len(images), -1).sum(1)

@@ -1118,13 +1118,19 @@ def hand_measures(images, groups=None) -> dict[str, np.ndarray]:
     images = _as_numpy(images).astype(np.float64)
     thickness, slant, height = stroke_measures(images.reshape(len(images), *images.shape[-2:]))
     measures = {"thickness": thickness, "slant": slant, "size": height}
-    if groups is not None:
-        _, inverse = np.unique(_as_numpy(groups).ravel(), return_inverse=True)
-        counts = np.bincount(inverse)
-        for name, values in measures.items():
-            mean = (np.bincount(inverse, weights=values) / counts)[inverse]  # (N,) each drawing's group mean
-            measures[name] = values / np.maximum(mean, 1e-12) if name == "size" else values - mean
-    return measures
+    return measures if groups is None else against_groups(measures, groups)
+
+
+def against_groups(measures: dict[str, np.ndarray], groups) -> dict[str, np.ndarray]:
+    """Each (N,) measure against its group's mean (groups: (N,) labels): "size" divided by it,
+    any other measure minus it."""
+    _, inverse = np.unique(_as_numpy(groups).ravel(), return_inverse=True)
+    counts = np.bincount(inverse)
+    relative = {}
+    for name, values in measures.items():
+        mean = (np.bincount(inverse, weights=values) / counts)[inverse]  # (N,) each drawing's group mean
+        relative[name] = values / np.maximum(mean, 1e-12) if name == "size" else values - mean
+    return relative
 
 
 HANDS = (("thick", "thickness", -1), ("thin", "thickness", 1), ("slant /", "slant", -1),
@@ -1138,7 +1144,8 @@ def distinct_hands(images, count: int = 6, groups=None) -> tuple[np.ndarray, lis
     "slant \\"), largest and smallest drawing by `hand_measures`, each one not picked before; for
     a swap grid whose style sources differ in the ways hands do. groups: (N,) labels, e.g. the
     character, to measure each drawing against its group (`hand_measures`), so that a character
-    drawn diagonally or large does not pass for a slanted or large hand. Returns (indices (K,), names (K,)), K = min(count, N, 6).
+    drawn diagonally or large does not pass for a slanted or large hand.
+    Returns (indices (K,), names (K,)), K = min(count, N, 6).
     """
     measures = hand_measures(images, groups)
     picked, names = [], []
@@ -1244,5 +1251,6 @@ def style_effect(model, images, character, alphabet, drawer, styles: int = 5, se
                                for i in range(0, len(c), batch_size)])
         finally:
             model.train(was_training)
-        floor = float(_ink_distance(again.numpy().reshape(len(content_rows), styles, -1)).mean()) / result["real_distance"]
+        spread = float(_ink_distance(again.numpy().reshape(len(content_rows), styles, -1)).mean())
+        floor = spread / result["real_distance"]
     return {**result, "floor": floor, "characters": len(content_rows), "styles": styles}
