@@ -1230,27 +1230,23 @@ def style_effect(model, images, character, alphabet, drawer, styles: int = 5, se
     c = np.repeat(content[content_code], styles, axis=0)  # (C * S, Dc)
     s = style[style_code.ravel()]  # (C * S, Ds)
     generator = torch.Generator().manual_seed(seed)  # an autoregressive decoder's samples
-    was_training = model.training
-    model.eval()
-    try:
-        decoded = torch.cat([model.decode(torch.from_numpy(c[i:i + batch_size]),
-                                          torch.from_numpy(s[i:i + batch_size]), generator=generator).cpu()
-                             for i in range(0, len(c), batch_size)])  # (C * S, 1, H, W)
-    finally:
-        model.train(was_training)
+
+    def decode(style_codes: np.ndarray) -> np.ndarray:  # (C * S, Ds) -> (C, S, H * W), in eval mode
+        was_training = model.training
+        model.eval()
+        try:
+            decoded = torch.cat([
+                model.decode(torch.from_numpy(c[i:i + batch_size]), torch.from_numpy(style_codes[i:i + batch_size]),
+                             generator=generator).cpu()
+                for i in range(0, len(c), batch_size)])  # (C * S, 1, H, W)
+        finally:
+            model.train(was_training)
+        return decoded.numpy().reshape(len(content_rows), styles, -1)
+
     real = images[torch.as_tensor(real_rows.reshape(-1))]  # (C * S, 1, H, W)
-    result = _style_effect(decoded.numpy().reshape(len(content_rows), styles, -1),
-                           real.numpy().reshape(len(content_rows), styles, -1))
+    result = _style_effect(decode(s), real.numpy().reshape(len(content_rows), styles, -1))
     floor = 0.0  # a deterministic decoder draws the same codes the same way
     if getattr(model, "autoregressive", False):  # samples differ even where the style does not: sampling alone
         same = np.repeat(s[::styles], styles, axis=0)  # (C * S, Ds) each content's first style, S times
-        model.eval()
-        try:
-            again = torch.cat([model.decode(torch.from_numpy(c[i:i + batch_size]),
-                                            torch.from_numpy(same[i:i + batch_size]), generator=generator).cpu()
-                               for i in range(0, len(c), batch_size)])
-        finally:
-            model.train(was_training)
-        spread = float(_ink_distance(again.numpy().reshape(len(content_rows), styles, -1)).mean())
-        floor = spread / result["real_distance"]
+        floor = float(_ink_distance(decode(same)).mean()) / result["real_distance"]
     return {**result, "floor": floor, "characters": len(content_rows), "styles": styles}
