@@ -122,6 +122,11 @@ VARIANTS: dict[str, dict] = {
     # drawing that shares its distortion (transfer_weight), with and without the distortions.
     "transfer": {"style_weight": 1.0, "transfer_weight": 1.0},
     "transfer_aug": {"style_weight": 1.0, "transfer_weight": 1.0, "augment": 1.0},
+    # The reverse cycle: a prior style drawn with each group's content must be read back by the
+    # style encoder (cycle_weight). Its term is about 8 nats per group when nothing is read back
+    # (16 style dimensions), so weight 10 makes it of the order of the reconstruction at first.
+    "cycle": {"style_weight": 1.0, "cycle_weight": 10.0},
+    "cycle_sw3": {"cycle_weight": 10.0},
 }
 
 

@@ -61,6 +61,7 @@ class Config:
     style_adversary_weight: float = 0.0  # gradient-reversal character classifier on the style code
     cross_weight: float = 0.0  # cross-reconstruction: content of one drawing, style of another of the same character
     transfer_weight: float = 0.0  # style transfer: groups come in pairs whose drawings share their distortions; each drawing is also decoded from its group's content code and the style of its pair's drawing (another character, the same distortion)
+    cycle_weight: float = 0.0  # reverse cycle: a prior style drawn with each group's content code must be read back by the style encoder, whatever the character
     rotations: bool = False  # characters turned by 90, 180, 270 degrees count as new training characters
     augment: float = 0.0  # strength of random affine and stroke-width distortions of each training drawing; 0 turns them off, 1 is Koch et al.'s ranges
     binarize: bool = False  # train on dynamically binarised drawings (a fresh Bernoulli draw of each pixel every time), as the likelihood is scored
@@ -176,6 +177,9 @@ class Config:
         if self.transfer_weight > 0 and (self.group_size < 2 or self.groups % 2):
             raise ConfigError(f"transfer_weight pairs the groups of a batch: it needs group_size >= 2 and an even "
                               f"number of groups, got group_size={self.group_size}, groups={self.groups}")
+        if self.cycle_weight > 0 and self.decoder in AUTOREGRESSIVE_DECODERS:
+            raise ConfigError(f"cycle_weight reads back the style of decoded probability maps: it needs a decoder "
+                              f"that is not autoregressive, got decoder={self.decoder!r}")
         if self.proto_weight > 0 and (self.group_size < 2 or self.groups < 2):
             raise ConfigError("proto_weight needs group_size >= 2 and groups >= 2 (prototypes of several "
                               "characters from drawings of each)")

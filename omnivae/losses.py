@@ -229,6 +229,21 @@ def supervised_contrastive(embeddings: torch.Tensor, labels: torch.Tensor, tempe
     return (per_row * has).sum() / has.sum()
 
 
+def style_cycle(style_mean: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+    """Reverse-cycle loss: how far the style read back from a drawing is from the style it was drawn with.
+
+    L = mean_i 1/2 ||mu_s(D(c_i, s_i)) - s_i||^2, with s_i ~ N(0, I) drawn for the purpose, c_i a
+    content code of the batch, D the decoder and mu_s the encoder's style mean: `style_mean` holds
+    the mu_s rows, `style` the s_i. The decoding and the encoding happen in the caller; this is
+    the distance (Jha et al. 2018, "Disentangling Factors of Variation with Cycle-Consistent
+    Variational Auto-Encoders", the reverse cycle, there an L1 distance between two re-encodings
+    of one style; here the squared distance to the style itself, as the latent regression of
+    BicycleGAN, Zhu et al. 2017). Sum over dimensions, mean over rows: 0 when every style is read
+    back exactly, D/2 when the encoder answers 0 to every drawing.
+    """
+    return 0.5 * (style_mean - style).pow(2).sum(1).mean()
+
+
 def prototypical(embeddings: torch.Tensor, group_size: int, temperature: float = 1.0) -> torch.Tensor:
     """Episodic prototypical loss inside a grouped batch, with leave-one-out prototypes.
 

@@ -27,6 +27,7 @@ from .losses import (
     generator_loss,
     prototypical,
     r1_penalty,
+    style_cycle,
     supervised_contrastive,
 )
 from .model import Discriminator, ModelConfig, Noise, StructuredVAE, StyleAdversary
@@ -211,7 +212,33 @@ def _loss(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, ramp:
         style = out.style.view(-1, 2, M, cfg.style_dim).flip(1).reshape(-1, cfg.style_dim)  # (B, Ds)
         terms["transfer"] = bernoulli_nll(parts.model.decode_logits(out.content, style, x), x)
         loss = loss + cfg.transfer_weight * terms["transfer"]
+    if cfg.cycle_weight > 0:
+        # Reverse cycle: each group's content code (held fixed) drawn with a fresh prior style, whose
+        # style the encoder must read back. The same style comes with every character, so a style
+        # encoder that reads the character is wrong here; and the decoder must draw the style visibly.
+        content = out.content[::M].detach()  # (G, Dc): one per group (per drawing when M = 1)
+        style = process.randn(len(content), cfg.style_dim, x.device)  # (G, Ds)
+        with running_statistics_kept(parts.model):
+            drawn = torch.sigmoid(parts.model.decode_logits(content, style))  # (G, 1, S, S) probability maps
+            terms["cycle"] = style_cycle(parts.model.posterior(drawn).style_mean, style)
+        loss = loss + cfg.cycle_weight * terms["cycle"]
     return loss, terms
+
+
+@contextlib.contextmanager
+def running_statistics_kept(module: torch.nn.Module):
+    """Batch norm inside normalises with the batch's own statistics as in training, but its running
+    statistics (what evaluation normalises with) stay as they are: momentum 0 for the duration. For
+    passes over images that are not data, such as decodings."""
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum
 
 
 def train_step(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, ramp: float = 1.0) -> dict:

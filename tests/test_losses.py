@@ -184,3 +184,11 @@ def test_r1_penalty_of_a_linear_discriminator():
     w = torch.tensor([1.0, -2.0, 2.0])
     z = torch.randn(6, 3, requires_grad=True)
     assert losses.r1_penalty(z @ w, z).item() == pytest.approx(0.5 * 9.0)
+
+
+def test_style_cycle_known_answers():
+    style = torch.tensor([[1.0, -2.0], [0.5, 0.0]])
+    assert losses.style_cycle(style, style).item() == 0.0
+    # Rows: 1/2 (1 + 4) = 2.5 and 1/2 (0.25) = 0.125; mean 1.3125.
+    assert losses.style_cycle(torch.zeros(2, 2), style).item() == pytest.approx(1.3125)
+    assert losses.style_cycle(torch.tensor([[0.0, 0.0]]), torch.tensor([[3.0, 4.0]])).item() == pytest.approx(12.5)

@@ -45,6 +45,7 @@ def changed(before, module):
     dict(decoder="resnet", cross_weight=1.0),
     dict(decoder="pixelcnn", cross_weight=1.0, style_free_bits=0.01),
     dict(transfer_weight=1.0, style_regularizer="kl"),
+    dict(cycle_weight=1.0, group_size=1, batch_size=16, contrastive_weight=0.0),
 ])
 def test_one_step_changes_every_trained_weight(overrides):
     torch.manual_seed(0)
@@ -430,16 +431,23 @@ def test_the_decoder_models_the_target_when_one_is_given():
     assert not torch.allclose(terms["recon"], bernoulli_nll(out.logits, x), rtol=1e-3)
 
 
-def test_transfer_term_decodes_each_content_with_its_pairs_style():
-    from omnivae.losses import bernoulli_nll
+def _grouped_forward(**overrides):
+    """A tiny model's config, parts, batch of 4 groups of 4 random drawings, labels and forward pass."""
     from omnivae.model import Noise
-    from omnivae.train import _loss
 
     torch.manual_seed(0)
-    cfg = tiny_config(transfer_weight=2.0)
+    cfg = tiny_config(**overrides)
     parts = build_parts(cfg, classes=8, device=torch.device("cpu"))
     x, label = torch.rand(16, 1, 28, 28), torch.arange(4).repeat_interleave(4)
     out = parts.model(x, 4, Noise(torch.randn(4, cfg.content_dim), torch.randn(16, cfg.style_dim)))
+    return cfg, parts, x, label, out
+
+
+def test_transfer_term_decodes_each_content_with_its_pairs_style():
+    from omnivae.losses import bernoulli_nll
+    from omnivae.train import _loss
+
+    cfg, parts, x, label, out = _grouped_forward(transfer_weight=2.0)
     loss, terms = _loss(parts, cfg, x, label, 1.0, out)
     pair = torch.tensor([(r // 4 ^ 1) * 4 + r % 4 for r in range(16)])  # drawing m of the paired group
     expected = bernoulli_nll(parts.model.decode_logits(out.content, out.style[pair], x), x)
@@ -449,3 +457,29 @@ def test_transfer_term_decodes_each_content_with_its_pairs_style():
     assert (loss - without).item() == pytest.approx(2.0 * expected.item(), rel=1e-4)
     with pytest.raises(ConfigError, match="even number of groups"):
         tiny_config(transfer_weight=1.0, groups=3)
+
+
+def test_cycle_term_reads_back_a_prior_style_drawn_with_each_groups_content():
+    from omnivae.losses import style_cycle
+    from omnivae.train import _loss
+
+    cfg, parts, x, label, out = _grouped_forward(cycle_weight=3.0)
+    running = snapshot(parts.model)
+    torch.manual_seed(5)
+    loss, terms = _loss(parts, cfg, x, label, 1.0, out)
+    assert not changed(running, parts.model)  # the decodings leave batch norm's running statistics alone
+    torch.manual_seed(5)
+    style = torch.randn(4, cfg.style_dim)  # the term's one draw: one prior style per group
+    drawn = torch.sigmoid(parts.model.decode_logits(out.content[::4], style))
+    expected = style_cycle(parts.model.posterior(drawn).style_mean, style)
+    assert terms["cycle"].item() == pytest.approx(expected.item(), rel=1e-5)
+    without, _ = _loss(parts, dataclasses.replace(cfg, cycle_weight=0.0), x, label, 1.0, out)
+    assert (loss - without).item() == pytest.approx(3.0 * expected.item(), rel=1e-4)
+    # Its gradient reaches the decoder and the style head, never the content head or the content code.
+    parts.model.zero_grad()
+    terms["cycle"].backward()
+    assert parts.model.content_head.weight.grad is None or not parts.model.content_head.weight.grad.any()
+    assert parts.model.style_head.weight.grad.abs().sum() > 0
+    assert parts.model.to_logits.weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="not autoregressive"):
+        tiny_config(cycle_weight=1.0, decoder="pixelcnn")
