@@ -61,6 +61,7 @@ class Config:
     style_adversary_weight: float = 0.0  # gradient-reversal character classifier on the style code
     cross_weight: float = 0.0  # cross-reconstruction: content of one drawing, style of another of the same character
     transfer_weight: float = 0.0  # style transfer: groups come in pairs whose drawings share their distortions; each drawing is also decoded from its group's content code and the style of its pair's drawing (another character, the same distortion)
+    style_dependence_weight: float = 0.0  # penalty on how much more alike the style means of one character's drawings are than the batch's (a kernel dependence measure); 0 turns it off
     cycle_weight: float = 0.0  # reverse cycle: a prior style drawn with each group's content code must be read back by the style encoder, whatever the character
     rotations: bool = False  # characters turned by 90, 180, 270 degrees count as new training characters
     augment: float = 0.0  # strength of random affine and stroke-width distortions of each training drawing; 0 turns them off, 1 is Koch et al.'s ranges
@@ -177,6 +178,8 @@ class Config:
         if self.transfer_weight > 0 and (self.group_size < 2 or self.groups % 2):
             raise ConfigError(f"transfer_weight pairs the groups of a batch: it needs group_size >= 2 and an even "
                               f"number of groups, got group_size={self.group_size}, groups={self.groups}")
+        if self.style_dependence_weight > 0 and self.group_size < 2:
+            raise ConfigError("style_dependence_weight compares drawings of one character: it needs group_size >= 2")
         if self.cycle_weight > 0 and self.decoder in AUTOREGRESSIVE_DECODERS:
             raise ConfigError(f"cycle_weight reads back the style of decoded probability maps: it needs a decoder "
                               f"that is not autoregressive, got decoder={self.decoder!r}")

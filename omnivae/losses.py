@@ -244,6 +244,27 @@ def style_cycle(style_mean: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
     return 0.5 * (style_mean - style).pow(2).sum(1).mean()
 
 
+def label_dependence(codes: torch.Tensor, labels: torch.Tensor, kernel: str = "imq", scales=DEFAULT_SCALES) -> torch.Tensor:
+    """How much more alike the codes of one label are than codes in general, squared.
+
+    D = mean_{i != j, y_i = y_j} k(z_i, z_j) - mean_{i != j} k(z_i, z_j),   L = D^2
+
+    with k a `KERNELS` kernel. D is, up to the normalisation, the Hilbert-Schmidt independence
+    criterion of the codes and the labels under the delta kernel on labels, 1/n^2 tr(K H L H)
+    (Gretton et al. 2005, "Measuring Statistical Dependence with Hilbert-Schmidt Norms"), with
+    the diagonal left out: its i = j terms grow with how spread out the codes are, which is not
+    dependence. D is 0 in expectation when the codes do not depend on the labels, positive when
+    each label's codes gather (what nearest-neighbour style leakage reads), negative when they
+    repel; squaring penalises both, so the minimum is independence rather than codes that avoid
+    their own label. codes: (n, d); labels: (n,) with at least one repeated label.
+    """
+    k = KERNELS[kernel](codes, codes, scales)  # (n, n)
+    off = ~torch.eye(len(codes), dtype=torch.bool, device=codes.device)
+    same = (labels[:, None] == labels[None, :]) & off
+    d = (k * same).sum() / same.sum() - (k * off).sum() / off.sum()
+    return d.pow(2)
+
+
 def prototypical(embeddings: torch.Tensor, group_size: int, temperature: float = 1.0) -> torch.Tensor:
     """Episodic prototypical loss inside a grouped batch, with leave-one-out prototypes.
 

@@ -25,6 +25,7 @@ from .losses import (
     discriminator_loss,
     gaussian_kl,
     generator_loss,
+    label_dependence,
     prototypical,
     r1_penalty,
     style_cycle,
@@ -199,6 +200,10 @@ def _loss(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, ramp:
         logits = parts.run("style_adversary")(out.style_mean, ramp)  # gradient reversal inside
         terms["style_adversary"] = F.cross_entropy(logits, label)
         loss = loss + cfg.style_adversary_weight * terms["style_adversary"]
+    if cfg.style_dependence_weight > 0:
+        # Style means that gather by character, beyond what the batch's style means share anyway.
+        terms["style_dependence"] = label_dependence(out.style_mean, label)
+        loss = loss + cfg.style_dependence_weight * terms["style_dependence"]
     if cfg.cross_weight > 0:
         # Content of each drawing with the style of the next drawing of its group -> that next drawing.
         style = out.style.view(-1, M, cfg.style_dim).roll(1, dims=1).reshape(-1, cfg.style_dim)  # (B, Ds)

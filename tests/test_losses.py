@@ -192,3 +192,26 @@ def test_style_cycle_known_answers():
     # Rows: 1/2 (1 + 4) = 2.5 and 1/2 (0.25) = 0.125; mean 1.3125.
     assert losses.style_cycle(torch.zeros(2, 2), style).item() == pytest.approx(1.3125)
     assert losses.style_cycle(torch.tensor([[0.0, 0.0]]), torch.tensor([[3.0, 4.0]])).item() == pytest.approx(12.5)
+
+
+def test_label_dependence_known_answers():
+    a, b = torch.tensor([0.0, 0.0]), torch.tensor([3.0, 4.0])  # squared distance 25
+    codes, labels = torch.stack([a, a, b, b]), torch.tensor([0, 0, 1, 1])
+    k_ab = sum(4.0 * s / (4.0 * s + 25.0) for s in losses.DEFAULT_SCALES)  # imq, C = 2 * dim * s
+    k_aa = float(len(losses.DEFAULT_SCALES))
+    # Same-label pairs (off the diagonal): both k_aa. All 12 ordered pairs: 4 of k_aa, 8 of k_ab.
+    d = k_aa - (4 * k_aa + 8 * k_ab) / 12
+    assert losses.label_dependence(codes, labels).item() == pytest.approx(d * d, rel=1e-5)
+    # Codes that repel their own label: D < 0, still penalised.
+    repel = losses.label_dependence(codes, torch.tensor([0, 1, 0, 1])).item()
+    assert repel > 0
+    assert losses.label_dependence(torch.ones(6, 3), torch.tensor([0, 0, 1, 1, 2, 2])).item() == 0.0
+
+
+def test_label_dependence_is_near_zero_for_independent_codes_and_large_for_gathered_ones():
+    torch.manual_seed(0)
+    labels = torch.arange(64).repeat_interleave(4)
+    independent = losses.label_dependence(torch.randn(256, 8), labels).item()
+    gathered = losses.label_dependence(torch.randn(64, 8).repeat_interleave(4, 0) + 0.1 * torch.randn(256, 8),
+                                       labels).item()
+    assert independent < 1e-3 < 1.0 < gathered

@@ -46,6 +46,7 @@ def changed(before, module):
     dict(decoder="pixelcnn", cross_weight=1.0, style_free_bits=0.01),
     dict(transfer_weight=1.0, style_regularizer="kl"),
     dict(cycle_weight=1.0, group_size=1, batch_size=16, contrastive_weight=0.0),
+    dict(style_dependence_weight=1.0),
 ])
 def test_one_step_changes_every_trained_weight(overrides):
     torch.manual_seed(0)
@@ -483,3 +484,18 @@ def test_cycle_term_reads_back_a_prior_style_drawn_with_each_groups_content():
     assert parts.model.to_logits.weight.grad.abs().sum() > 0
     with pytest.raises(ConfigError, match="not autoregressive"):
         tiny_config(cycle_weight=1.0, decoder="pixelcnn")
+
+
+def test_style_dependence_term_scores_the_style_means_against_the_characters():
+    from omnivae.losses import label_dependence
+    from omnivae.train import _loss
+
+    cfg, parts, x, label, out = _grouped_forward(style_dependence_weight=1000.0)
+    loss, terms = _loss(parts, cfg, x, label, 1.0, out)
+    expected = label_dependence(out.style_mean, label)
+    assert expected.item() > 0
+    assert terms["style_dependence"].item() == pytest.approx(expected.item(), rel=1e-6)
+    without, _ = _loss(parts, dataclasses.replace(cfg, style_dependence_weight=0.0), x, label, 1.0, out)
+    assert (loss - without).item() == pytest.approx(1000.0 * expected.item(), rel=1e-4)
+    with pytest.raises(ConfigError, match="group_size >= 2"):
+        tiny_config(style_dependence_weight=1.0, group_size=1)
