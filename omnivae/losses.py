@@ -247,9 +247,11 @@ def style_cycle(style_mean: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
 def label_dependence(codes: torch.Tensor, labels: torch.Tensor, kernel: str = "imq", scales=DEFAULT_SCALES) -> torch.Tensor:
     """How much more alike the codes of one label are than codes in general, squared.
 
-    D = mean_{i != j, y_i = y_j} k(z_i, z_j) - mean_{i != j} k(z_i, z_j),   L = D^2
+    D = mean_{i != j, y_i = y_j} k(u_i, u_j) - mean_{i != j} k(u_i, u_j),   L = D^2
 
-    with k a `KERNELS` kernel. D is, up to the normalisation, the Hilbert-Schmidt independence
+    with k a `KERNELS` kernel and u the codes standardised over the batch, each dimension to
+    mean 0 and standard deviation 1: so D does not fall when the codes shrink. (On raw codes it
+    does, and a penalty on it squeezes the codes to nothing instead of making them independent.) D is, up to the normalisation, the Hilbert-Schmidt independence
     criterion of the codes and the labels under the delta kernel on labels, 1/n^2 tr(K H L H)
     (Gretton et al. 2005, "Measuring Statistical Dependence with Hilbert-Schmidt Norms"), with
     the diagonal left out: its i = j terms grow with how spread out the codes are, which is not
@@ -258,7 +260,8 @@ def label_dependence(codes: torch.Tensor, labels: torch.Tensor, kernel: str = "i
     repel; squaring penalises both, so the minimum is independence rather than codes that avoid
     their own label. codes: (n, d); labels: (n,) with at least one repeated label.
     """
-    k = KERNELS[kernel](codes, codes, scales)  # (n, n)
+    u = (codes - codes.mean(0)) / (codes.std(0) + 1e-6)  # (n, d) standardised over the batch
+    k = KERNELS[kernel](u, u, scales)  # (n, n)
     off = ~torch.eye(len(codes), dtype=torch.bool, device=codes.device)
     same = (labels[:, None] == labels[None, :]) & off
     d = (k * same).sum() / same.sum() - (k * off).sum() / off.sum()

@@ -195,13 +195,16 @@ def test_style_cycle_known_answers():
 
 
 def test_label_dependence_known_answers():
-    a, b = torch.tensor([0.0, 0.0]), torch.tensor([3.0, 4.0])  # squared distance 25
+    a, b = torch.tensor([0.0, 0.0]), torch.tensor([3.0, 4.0])
     codes, labels = torch.stack([a, a, b, b]), torch.tensor([0, 0, 1, 1])
-    k_ab = sum(4.0 * s / (4.0 * s + 25.0) for s in losses.DEFAULT_SCALES)  # imq, C = 2 * dim * s
+    # Standardised over the 4 codes, each dimension is (-1, -1, 1, 1) * sqrt(3) / 2: a and b become
+    # (-0.866, -0.866) and (0.866, 0.866), squared distance 6, whatever the scale of the codes.
+    k_ab = sum(4.0 * s / (4.0 * s + 6.0) for s in losses.DEFAULT_SCALES)  # imq, C = 2 * dim * s
     k_aa = float(len(losses.DEFAULT_SCALES))
     # Same-label pairs (off the diagonal): both k_aa. All 12 ordered pairs: 4 of k_aa, 8 of k_ab.
     d = k_aa - (4 * k_aa + 8 * k_ab) / 12
     assert losses.label_dependence(codes, labels).item() == pytest.approx(d * d, rel=1e-5)
+    assert losses.label_dependence(1e-3 * codes, labels).item() == pytest.approx(d * d, rel=1e-3)  # shrinking does not help
     # Codes that repel their own label: D < 0, still penalised.
     repel = losses.label_dependence(codes, torch.tensor([0, 1, 0, 1])).item()
     assert repel > 0
