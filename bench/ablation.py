@@ -132,6 +132,11 @@ VARIANTS: dict[str, dict] = {
     # (evaluation set, leakage 0.10), 0.46 at style_weight=1 (validation, leakage 0.30), 0.001 with
     # shuffled labels. Weight 100: 46 nats at 0.46, of the order of what the room for style gains.
     "dependence": {"style_weight": 1.0, "style_dependence_weight": 100.0},
+    # The PixelCNN head with the codes made to draw the character themselves (base_weight), without
+    # and with room for style kept free of the character (free bits and the dependence penalty).
+    "pix_base": {"decoder": "pixelcnn", "binarize": True, "binarize_encoder": False, "base_weight": 1.0},
+    "pix_dep_base": {"decoder": "pixelcnn", "binarize": True, "binarize_encoder": False, "base_weight": 1.0,
+                     "style_weight": 1.0, "style_free_bits": 0.5, "style_dependence_weight": 100.0},
 }
 
 

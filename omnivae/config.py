@@ -39,6 +39,7 @@ class Config:
     decoder: str = "deconv"  # deconv (transposed convolutions) | resnet (with residual blocks) | pixelcnn (deconv features conditioning an autoregressive head)
     pixelcnn_layers: int = 3  # decoder=pixelcnn: gated layers of the head; a pixel sees the pixelcnn_layers + 1 rows above it
     pixelcnn_channels: int = 8  # decoder=pixelcnn: width of the head (8: a training step ~1.5x deconv's on a CPU)
+    base_weight: float = 0.0  # decoder=pixelcnn: weight of an extra reconstruction term on the logits before the head, so the codes must draw the character's shape themselves; 0 turns it off
     # --- batches: G characters x M drawings when group_size > 1, else plain shuffled batches
     batch_size: int = 128  # images per batch when group_size == 1
     groups: int = 32  # characters per batch (G) when group_size > 1
@@ -180,6 +181,9 @@ class Config:
                               f"number of groups, got group_size={self.group_size}, groups={self.groups}")
         if self.style_dependence_weight > 0 and self.group_size < 2:
             raise ConfigError("style_dependence_weight compares drawings of one character: it needs group_size >= 2")
+        if self.base_weight > 0 and self.decoder not in AUTOREGRESSIVE_DECODERS:
+            raise ConfigError(f"base_weight scores the logits before an autoregressive head: it needs "
+                              f"decoder=pixelcnn, got decoder={self.decoder!r}")
         if self.cycle_weight > 0 and self.decoder in AUTOREGRESSIVE_DECODERS:
             raise ConfigError(f"cycle_weight reads back the style of decoded probability maps: it needs a decoder "
                               f"that is not autoregressive, got decoder={self.decoder!r}")

@@ -94,6 +94,7 @@ class VAEOutput(NamedTuple):
     content: torch.Tensor  # (B, Dc) sampled content code fed to the decoder
     style: torch.Tensor  # (B, Ds) sampled style code fed to the decoder
     drawing_content_mean: torch.Tensor  # (B, Dc) each drawing's own content mean, before grouping
+    base_logits: torch.Tensor  # (B, 1, S, S) the logits before an autoregressive head (= logits without one)
 
 
 def feature_sizes(image_size: int) -> list[int]:
@@ -384,14 +385,21 @@ class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tag
         (B, 1, S, S) must be given (teacher forcing); ValueError without them. Either way
         log p(x | z) = -BCE(logits, x) summed over pixels (losses.bernoulli_nll).
         """
+        return self.decode_logit_parts(content, style, x)[1]
+
+    def decode_logit_parts(self, content: torch.Tensor, style: torch.Tensor,
+                           x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base, full) Bernoulli logits (B, 1, S, S): the codes' own logits, before the
+        autoregressive head, and `decode_logits`' (the base plus the head's, given x). The same
+        tensor twice for a decoder without a head."""
         features = self.decode_features(content, style)  # (B, C0, S, S)
         logits = self.to_logits(features)  # (B, 1, S, S)
         if not self.autoregressive:
-            return logits
+            return logits, logits
         if x is None:
             raise ValueError("the pixelcnn decoder needs the images x for its logits (teacher forcing); "
                              "use sample() to draw new images")
-        return logits + self.head(x, features)
+        return logits, logits + self.head(x, features)
 
     def forward(self, x: torch.Tensor, group_size: int = 1, noise: Noise | None = None,
                 target: torch.Tensor | None = None) -> VAEOutput:
@@ -412,9 +420,9 @@ class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tag
         else:
             content = reparameterize(content_mean, content_logvar, noise.content)
         style = reparameterize(q.style_mean, q.style_logvar, noise.style)
-        logits = self.decode_logits(content, style, x if target is None else target)  # teacher forcing
+        base, logits = self.decode_logit_parts(content, style, x if target is None else target)  # teacher forcing
         return VAEOutput(
-            logits, content_mean, content_logvar, q.style_mean, q.style_logvar, content, style, q.content_mean
+            logits, content_mean, content_logvar, q.style_mean, q.style_logvar, content, style, q.content_mean, base
         )
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

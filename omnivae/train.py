@@ -174,6 +174,9 @@ def _loss(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, ramp:
     M, process = cfg.group_size, parts.process
     terms = {"recon": bernoulli_nll(out.logits, x)}
     loss = terms["recon"]
+    if cfg.base_weight > 0:  # the codes' own drawing, before the autoregressive head
+        terms["base"] = bernoulli_nll(out.base_logits, x)
+        loss = loss + cfg.base_weight * terms["base"]
     for part in PARTS:
         name, weight = getattr(cfg, f"{part}_regularizer"), getattr(cfg, f"{part}_weight")
         mean, logvar, codes = _codes(cfg, out, part)

@@ -47,6 +47,7 @@ def changed(before, module):
     dict(transfer_weight=1.0, style_regularizer="kl"),
     dict(cycle_weight=1.0, group_size=1, batch_size=16, contrastive_weight=0.0),
     dict(style_dependence_weight=1.0),
+    dict(decoder="pixelcnn", base_weight=1.0),
 ])
 def test_one_step_changes_every_trained_weight(overrides):
     torch.manual_seed(0)
@@ -499,3 +500,21 @@ def test_style_dependence_term_scores_the_style_means_against_the_characters():
     assert (loss - without).item() == pytest.approx(1000.0 * expected.item(), rel=1e-4)
     with pytest.raises(ConfigError, match="group_size >= 2"):
         tiny_config(style_dependence_weight=1.0, group_size=1)
+
+
+def test_base_term_scores_the_codes_own_logits_before_the_head():
+    from omnivae.losses import bernoulli_nll
+    from omnivae.train import _loss
+
+    cfg, parts, x, label, out = _grouped_forward(decoder="pixelcnn", base_weight=1000.0)
+    base = parts.model.to_logits(parts.model.decode_features(out.content, out.style))  # no head, no pixels
+    assert torch.allclose(out.base_logits, base, atol=1e-6)
+    assert not torch.allclose(out.logits, base, atol=1e-3)  # the head adds its own
+    loss, terms = _loss(parts, cfg, x, label, 1.0, out)
+    assert terms["base"].item() == pytest.approx(bernoulli_nll(base, x).item(), rel=1e-6)
+    without, _ = _loss(parts, dataclasses.replace(cfg, base_weight=0.0), x, label, 1.0, out)
+    assert (loss - without).item() == pytest.approx(1000.0 * terms["base"].item(), rel=1e-4)
+    plain = _grouped_forward()[-1]
+    assert plain.base_logits is plain.logits  # no head: the same logits
+    with pytest.raises(ConfigError, match="decoder=pixelcnn"):
+        tiny_config(base_weight=1.0)
