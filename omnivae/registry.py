@@ -198,6 +198,10 @@ _RECORDS: list[Metric] = [
            paper=SWAP),
     Metric("classifier_accuracy", "judge accuracy", "The classifier that judges the swaps, on real held-out "
            "drawings: its own ceiling.", None, "metrics.swap_consistency", "real_accuracy", paper=SWAP),
+    Metric("classifier_accuracy_binarized", "judge on binarised", "The same classifier on the real held-out "
+           "drawings dynamically binarised (one Bernoulli draw per pixel): the ceiling for binary drawings, which an "
+           "autoregressive decoder samples.", None, "metrics.swap_consistency", "real_binarized_accuracy",
+           paper=SWAP),
     Metric("style_effect", "style effect", "How much decodings of one content differ across the style codes of 5 "
            "other drawers (drawings of other characters), over how much real drawings of the character by those "
            "drawers differ: mean pairwise Jaccard distance of ink masks (each drawing's expected ink count of darkest "

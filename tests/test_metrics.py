@@ -867,6 +867,8 @@ def test_swap_consistency_decodes_content_of_a_with_style_of_b():
     assert result["style_character_rate"] == 0.0
     assert result["reconstruction_accuracy"] == 1.0
     assert result["real_accuracy"] == 1.0
+    # Binarised, every id pixel (1..5, clamped to probability 1) becomes 1: only character 1's 4 of 20 are named.
+    assert result["real_binarized_accuracy"] == 0.2
     # One that reads the style code names B's character in swaps and A's in reconstructions.
     result = metrics.swap_consistency(RevealingModel(), PixelReader(column=1, offset=1000), images, character,
                                       pairs=200, seed=0, batch_size=64)

@@ -57,9 +57,10 @@ def test_named_maps_each_field_to_its_key_once():
     assert registry.named(metrics.few_shot_accuracy, score, codes="content", ways=20) == {
         "content_20way_1shot": 0.8, "content_20way_1shot_ci95": 0.01}
     swap = {"swap_consistency": 0.5, "style_character_rate": 0.1, "reconstruction_accuracy": 0.6,
-            "real_accuracy": 0.7, "pairs": 20}
+            "real_accuracy": 0.7, "real_binarized_accuracy": 0.3, "pairs": 20}
     assert registry.named(metrics.swap_consistency, swap) == {
-        "swap_consistency": 0.5, "style_character_rate": 0.1, "recon_consistency": 0.6, "classifier_accuracy": 0.7}
+        "swap_consistency": 0.5, "style_character_rate": 0.1, "recon_consistency": 0.6, "classifier_accuracy": 0.7,
+        "classifier_accuracy_binarized": 0.3}
     match = {"mmd2": 0.2, "mmd2_floor": 0.0, "gaussian_kl": 3.0, "points": 10}
     assert registry.named(metrics.prior_match, match, part="style", codes="means") == {
         "prior_mmd2_means_style": 0.2, "prior_gaussian_kl_means_style": 3.0}  # the floor is the sampled one's
