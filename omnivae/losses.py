@@ -244,15 +244,17 @@ def style_cycle(style_mean: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
     return 0.5 * (style_mean - style).pow(2).sum(1).mean()
 
 
-def label_dependence(codes: torch.Tensor, labels: torch.Tensor, kernel: str = "imq", scales=DEFAULT_SCALES) -> torch.Tensor:
+def label_dependence(codes: torch.Tensor, labels: torch.Tensor, kernel: str = "imq",
+                     scales=DEFAULT_SCALES) -> torch.Tensor:
     """How much more alike the codes of one label are than codes in general, squared.
 
     D = mean_{i != j, y_i = y_j} k(u_i, u_j) - mean_{i != j} k(u_i, u_j),   L = D^2
 
     with k a `KERNELS` kernel and u the codes standardised over the batch, each dimension to
     mean 0 and standard deviation 1: so D does not fall when the codes shrink. (On raw codes it
-    does, and a penalty on it squeezes the codes to nothing instead of making them independent.) D is, up to the normalisation, the Hilbert-Schmidt independence
-    criterion of the codes and the labels under the delta kernel on labels, 1/n^2 tr(K H L H)
+    does, and a penalty on it squeezes the codes to nothing instead of making them independent.)
+    D is, up to the normalisation, the Hilbert-Schmidt independence criterion of the codes and
+    the labels under the delta kernel on labels, 1/n^2 tr(K H L H)
     (Gretton et al. 2005, "Measuring Statistical Dependence with Hilbert-Schmidt Norms"), with
     the diagonal left out: its i = j terms grow with how spread out the codes are, which is not
     dependence. D is 0 in expectation when the codes do not depend on the labels, positive when
