@@ -38,7 +38,8 @@ def main(argv=None) -> None:
     x = held_out.tensors()[::97][:args.drawings]  # (N, 1, S, S)
     with torch.no_grad():
         content, style = model.encode(x)
-        base, full = model.decode_logit_parts(content, style, torch.bernoulli(x, generator=torch.Generator().manual_seed(0)))
+        binary = torch.bernoulli(x, generator=torch.Generator().manual_seed(0))  # what the head reads in training
+        base, full = model.decode_logit_parts(content, style, binary)
         sample = model.sample(content, style, torch.Generator().manual_seed(0))
     rows = torch.cat([x, torch.sigmoid(base), torch.sigmoid(full), sample]).clamp(0, 1)
     plots.image_grid(rows, args.out, ncols=len(x), title=f"{cfg.decoder}, base_weight={cfg.base_weight}",
