@@ -17,7 +17,7 @@ import os
 import torch
 
 from omnivae import data as omni_data
-from omnivae import plots, rundir
+from omnivae import metrics, plots, rundir
 
 
 def main(argv=None) -> None:
@@ -38,7 +38,7 @@ def main(argv=None) -> None:
     x = held_out.tensors()[::97][:args.drawings]  # (N, 1, S, S)
     with torch.no_grad():
         content, style = model.encode(x)
-        binary = torch.bernoulli(x, generator=torch.Generator().manual_seed(0))  # what the head reads in training
+        binary = metrics.binarize(x, seed=0)  # what the head reads in training
         base, full = model.decode_logit_parts(content, style, binary)
         sample = model.sample(content, style, torch.Generator().manual_seed(0))
     rows = torch.cat([x, torch.sigmoid(base), torch.sigmoid(full), sample]).clamp(0, 1)

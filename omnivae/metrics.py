@@ -998,8 +998,8 @@ def swap_consistency(model, classifier: CharacterClassifier, images, character, 
       reconstruction_accuracy: the classifier on decode(content A, style A), the ceiling a
         swap can reach given the decoder's blur;
       real_accuracy: the classifier on all the real `images`, its own ceiling;
-      real_binarized_accuracy: the classifier on the real `images` dynamically binarised (one
-        Bernoulli draw per pixel, torch.Generator(seed)): the ceiling for binary drawings, which
+      real_binarized_accuracy: the classifier on the real `images` dynamically binarised
+        (`binarize` with `seed`): the ceiling for binary drawings, which
         is what an autoregressive decoder's samples are.
     character: (N,) labels in the classifier's label space (raw ids, or indices when the
     classifier was trained on indices).
@@ -1028,8 +1028,7 @@ def swap_consistency(model, classifier: CharacterClassifier, images, character, 
         "style_character_rate": _swap_consistency(swapped, character[b]),
         "reconstruction_accuracy": _swap_consistency(plain, character[a]),
         "real_accuracy": classifier_accuracy(classifier, images, character),
-        "real_binarized_accuracy": classifier_accuracy(
-            classifier, torch.bernoulli(images.clamp(0, 1), generator=torch.Generator().manual_seed(seed)), character),
+        "real_binarized_accuracy": classifier_accuracy(classifier, binarize(images, seed), character),
         "pairs": int(pairs),
     }
 
