@@ -228,8 +228,8 @@ PRESETS: dict[str, dict] = {
     # The seed document's design: two heads, concatenated, MMD, no grouping, no labels.
     "seed": dict(content_regularizer="mmd", style_regularizer="mmd", group_size=1, epochs=10),
     # The best configuration so far, chosen on the validation alphabets; what the README's main
-    # command trains. Grouped batches (64 characters x 2 drawings: more characters per batch for
-    # the contrastive term, at the same batch size) with a product-of-Gaussians content posterior
+    # command trains. Grouped batches (64 characters x 2 drawings: every training drawing in each
+    # epoch, where groups of 4 leave 2 of 18 out) with a product-of-Gaussians content posterior
     # and its KL (a per-image bound), a strong supervised contrastive term on content means, a KL
     # bottleneck (weight 3) on style so it cannot carry the character, and turned characters as
     # extra training characters.
