@@ -33,6 +33,7 @@ class Config:
     # --- model
     content_dim: int = 32  # size of the content code (which character)
     style_dim: int = 16  # size of the style code (how it was drawn)
+    detail_dim: int = 0  # size of a third, per-drawing detail code that is never transferred (what this drawing adds to its character and hand); 0: none
     channels: int = 32  # width of the first conv layer; doubles at each downsampling
     hidden: int = 256  # width of the fully connected layer between conv stack and heads
     encoder: str = "conv"  # conv (stride-2 blocks down to 8 px or less) | conv4 (four conv + max-pool blocks of 2 * channels filters)
@@ -50,6 +51,8 @@ class Config:
     style_regularizer: str = "mmd"  # kl | mmd | adversarial | none
     content_weight: float = 1.0  # weight of the content regulariser
     style_weight: float = 1.0  # weight of the style regulariser
+    detail_weight: float = 1.0  # weight of the detail code's KL (detail_dim > 0)
+    detail_drop: float = 0.5  # detail_dim > 0: share of training drawings decoded with the detail code's prior mean 0, as swaps decode, so content and style must draw them alone
     style_free_bits: float = 0.0  # style_regularizer=kl: floor, in nats, of each style dimension's batch-mean KL (free bits); 0 turns it off
     mmd_kernel: str = "imq"  # imq (multi-scale inverse multiquadric) | rbf
     match_codes: str = "mean"  # codes matched to the prior: mean (posterior means, aggregate) | sample (sampled codes: the seed design, collapses under MMD)
@@ -145,7 +148,7 @@ class Config:
         for key in ("disc_hidden", "disc_steps", "episodes", "pixelcnn_layers", "pixelcnn_channels"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("threads", "nll_k", "nll_images", "swap_pairs", "tsne_characters", "set_nll_k", "set_nll_sets"):
+        for key in ("threads", "detail_dim", "nll_k", "nll_images", "swap_pairs", "tsne_characters", "set_nll_k", "set_nll_sets"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         floats = [f.name for f in dataclasses.fields(self) if typing.get_type_hints(type(self))[f.name] is float]
@@ -157,6 +160,8 @@ class Config:
                 raise ConfigError(f"{key} must be > 0, got {value}")
             if value < 0:
                 raise ConfigError(f"{key} must be >= 0, got {value}")
+        if self.detail_drop > 1:
+            raise ConfigError(f"detail_drop must be between 0 and 1 (a share of the drawings), got {self.detail_drop}")
         if self.lr_min_ratio > 1:
             raise ConfigError(f"lr_min_ratio must be between 0 and 1, got {self.lr_min_ratio}")
         if not 0 < self.test_classes < 1:

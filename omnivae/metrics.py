@@ -109,6 +109,23 @@ def encode_images(model, images, batch_size: int = 1024) -> tuple[np.ndarray, np
     return torch.cat(content).numpy(), torch.cat(style).numpy()
 
 
+@torch.no_grad()
+def encode_details(model, images, batch_size: int = 1024) -> np.ndarray | None:
+    """Detail-code posterior means of every image (N, Dd) as float32, or None for a model without
+    a detail code (model.detail_dim 0). Eval mode for the pass, as `encode_images`."""
+    if not getattr(model, "detail_dim", 0):
+        return None
+    images = _as_images(images)
+    was_training = model.training
+    model.eval()
+    try:
+        detail = [model.posterior(images[i:i + batch_size].to(model.device)).detail_mean.float().cpu()
+                  for i in range(0, len(images), batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(detail).numpy()
+
+
 # ---------------------------------------------------------------------------------------------
 # Clustering
 
@@ -577,10 +594,25 @@ def binarize(images, seed: int = 0) -> torch.Tensor:
     return torch.bernoulli(images.cpu().clamp(0.0, 1.0), generator=generator).to(images.device)
 
 
+def _drawing_logits(model, content: torch.Tensor, own: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """model.decode_logits for content codes (N, Dc) and each drawing's own codes (N, Ds + Dd),
+    [z_style, z_detail] (no detail columns without a detail code), reading x (N, 1, S, S)."""
+    if not getattr(model, "detail_dim", 0):
+        return model.decode_logits(content, own, x)
+    return model.decode_logits(content, own[:, :model.style_dim], x, own[:, model.style_dim:])
+
+
+def _posterior_codes(q) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and log-variance of each drawing's own codes [z_style, z_detail]: (B, Ds + Dd) each."""
+    if q.detail_mean is None:
+        return q.style_mean, q.style_logvar
+    return torch.cat([q.style_mean, q.detail_mean], 1), torch.cat([q.style_logvar, q.detail_logvar], 1)
+
+
 def _log_weights(model, x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor):
     """log p(x | z_i) + log p(z_i) - log q(z_i | x) for z_i = mean + sigma * eps_i: (K, B) float64.
 
-    z = [z_content, z_style]; q = N(mean, exp(logvar)) is the diagonal Gaussian of
+    z = [z_content, z_style, z_detail] (z_detail where the model has one); q = N(mean, exp(logvar)) is the diagonal Gaussian of
     model.posterior, p(z) = N(0, I), p(x | z) Bernoulli with logits model.decode_logits(z, x)
     (x read by an autoregressive decoder: teacher forcing), summed over pixels.
     x: (B, 1, S, S); mean, logvar: (B, D); eps: (K, B, D).
@@ -592,7 +624,7 @@ def _log_weights(model, x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tenso
     log_p_z = -0.5 * (z.pow(2) + log_2pi).sum(-1)  # (K, B)
     flat = z.reshape(samples * b, d)  # (K * B, D)
     target = x.expand(samples, *x.shape).reshape(samples * b, *x.shape[1:])  # (K * B, 1, S, S)
-    logits = model.decode_logits(flat[:, :model.content_dim], flat[:, model.content_dim:], target)  # (K * B, 1, S, S)
+    logits = _drawing_logits(model, flat[:, :model.content_dim], flat[:, model.content_dim:], target)  # (K * B, 1, S, S)
     log_p_x = -F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     log_p_x = log_p_x.flatten(1).sum(1).view(samples, b)  # (K, B)
     return (log_p_x + log_p_z - log_q).double()
@@ -630,8 +662,9 @@ def iwae_nll(model, images, k: int = 1000, batch_size: int = 10, chunk: int = 10
         for start in tqdm(range(0, len(images), batch_size), desc="iwae", disable=not progress):
             x = images[start:start + batch_size].to(model.device)  # (B, 1, S, S)
             q = model.posterior(x)
-            mean = torch.cat([q.content_mean, q.style_mean], 1)  # (B, D)
-            logvar = torch.cat([q.content_logvar, q.style_logvar], 1)  # (B, D)
+            own_mean, own_logvar = _posterior_codes(q)  # (B, Ds + Dd) each
+            mean = torch.cat([q.content_mean, own_mean], 1)  # (B, D)
+            logvar = torch.cat([q.content_logvar, own_logvar], 1)  # (B, D)
             # All k draws at once, so the numbers do not depend on `chunk`.
             eps = torch.randn(k, *mean.shape, generator=generator).to(mean.device, mean.dtype)  # (k, B, D)
             log_w = torch.cat([
@@ -669,7 +702,8 @@ def _set_log_weights(model, x: torch.Tensor, content_mean, content_logvar, style
                      eps: torch.Tensor) -> torch.Tensor:
     """Importance log-weights of sets of drawings that share one content code: (K, B) float64.
 
-    For a set X = (x_1..x_M) with one content code c and a style code s_i per drawing,
+    For a set X = (x_1..x_M) with one content code c and a style code s_i per drawing (with a
+    detail code, s_i is the drawing's [z_style, z_detail]),
       log w = log p(c) - log q(c | X) + sum_i [log p(x_i | c, s_i) + log p(s_i) - log q(s_i | x_i)],
     c = content_mean + sigma_c * eps_c, s_i = style_mean_i + sigma_i * eps_i; p = N(0, I) for both
     codes, p(x | c, s) Bernoulli with logits model.decode_logits(c, s, x) (teacher forcing for an
@@ -688,7 +722,7 @@ def _set_log_weights(model, x: torch.Tensor, content_mean, content_logvar, style
                         - 0.5 * (style.pow(2) - eps_s.pow(2) - style_logvar).sum((-2, -1)))
     flat_content = content[:, :, None].expand(samples, b, m, dc).reshape(-1, dc)  # (K * B * M, Dc)
     target = x.expand(samples, *x.shape).reshape(-1, *x.shape[2:])  # (K * B * M, 1, S, S)
-    logits = model.decode_logits(flat_content, style.reshape(-1, ds), target)  # (K * B * M, 1, S, S)
+    logits = _drawing_logits(model, flat_content, style.reshape(-1, ds), target)  # (K * B * M, 1, S, S)
     log_p_x = -F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     log_p_x = log_p_x.flatten(1).sum(1).view(samples, b, m).sum(-1)  # (K, B)
     return (log_p_x + log_prior_over_q).double()
@@ -714,8 +748,9 @@ def _set_log_likelihoods(model, images: torch.Tensor, sets: np.ndarray, k: int, 
         q = model.posterior(x)
         b = len(rows) // m
         content_mean, content_logvar = product_of_gaussians(q.content_mean, q.content_logvar, m)  # (B, Dc)
-        style_mean = q.style_mean.view(b, m, -1)  # (B, M, Ds)
-        style_logvar = q.style_logvar.view(b, m, -1)  # (B, M, Ds)
+        own_mean, own_logvar = _posterior_codes(q)  # (B * M, Ds + Dd) each
+        style_mean = own_mean.view(b, m, -1)  # (B, M, Ds + Dd)
+        style_logvar = own_logvar.view(b, m, -1)  # (B, M, Ds + Dd)
         width = content_mean.shape[1] + m * style_mean.shape[2]
         eps = torch.randn(k, b, width, generator=generator).to(x.device, x.dtype)  # (k, B, Dc + M * Ds)
         log_w = torch.cat([
@@ -995,8 +1030,8 @@ def swap_consistency(model, classifier: CharacterClassifier, images, character, 
     characters. Returns:
       swap_consistency: fraction classified as A's character (the content's);
       style_character_rate: fraction classified as B's character (content leaking into style);
-      reconstruction_accuracy: the classifier on decode(content A, style A), the ceiling a
-        swap can reach given the decoder's blur;
+      reconstruction_accuracy: the classifier on decode(content A, style A) (and A's detail code,
+        for a model with one: its whole reconstruction);
       real_accuracy: the classifier on all the real `images`, its own ceiling;
       real_binarized_accuracy: the classifier on the real `images` dynamically binarised
         (`binarize` with `seed`): the ceiling for binary drawings, which
@@ -1009,6 +1044,7 @@ def swap_consistency(model, classifier: CharacterClassifier, images, character, 
     rng = np.random.default_rng(seed)
     a, b = _different_character_pairs(character, pairs, rng)
     content, style = encode_images(model, images)  # (N, Dc), (N, Ds)
+    detail = encode_details(model, images)  # (N, Dd) or None
     generator = torch.Generator().manual_seed(seed)  # an autoregressive decoder's samples
     was_training = model.training
     model.eval()
@@ -1018,8 +1054,9 @@ def swap_consistency(model, classifier: CharacterClassifier, images, character, 
             ca = torch.from_numpy(content[a[s:s + batch_size]])  # (b, Dc)
             sa = torch.from_numpy(style[a[s:s + batch_size]])  # (b, Ds)
             sb = torch.from_numpy(style[b[s:s + batch_size]])  # (b, Ds)
+            own = {} if detail is None else {"detail": torch.from_numpy(detail[a[s:s + batch_size]])}  # (b, Dd)
             swapped.append(classifier.predict(model.decode(ca, sb, generator=generator).cpu()))
-            plain.append(classifier.predict(model.decode(ca, sa, generator=generator).cpu()))
+            plain.append(classifier.predict(model.decode(ca, sa, generator=generator, **own).cpu()))
     finally:
         model.train(was_training)
     swapped, plain = np.concatenate(swapped), np.concatenate(plain)

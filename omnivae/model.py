@@ -51,12 +51,15 @@ class ModelConfig:
     decoder: str = "deconv"  # deconv | resnet (residual blocks) | pixelcnn (an autoregressive head on deconv features)
     pixelcnn_layers: int = 3  # gated layers of the pixelcnn head: a pixel sees the pixelcnn_layers + 1 rows above it
     pixelcnn_channels: int = 8  # width of the pixelcnn head
+    detail_dim: int = 0  # size of the detail code (what this drawing adds to its content and style); 0: none
 
     def __post_init__(self):
         for name in ("image_size", "content_dim", "style_dim", "channels", "hidden", "pixelcnn_layers",
                      "pixelcnn_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.detail_dim < 0:
+            raise ValueError(f"detail_dim must be >= 0, got {self.detail_dim}")
         if self.grouping not in GROUPINGS:
             raise ValueError(f"grouping must be one of {', '.join(GROUPINGS)}, got {self.grouping!r}")
         if self.encoder not in ENCODERS:
@@ -75,6 +78,8 @@ class Posterior(NamedTuple):
     content_logvar: torch.Tensor  # (B, Dc)
     style_mean: torch.Tensor  # (B, Ds)
     style_logvar: torch.Tensor  # (B, Ds)
+    detail_mean: torch.Tensor | None = None  # (B, Dd); StructuredVAE gives Dd = 0 columns without a detail code
+    detail_logvar: torch.Tensor | None = None  # (B, Dd)
 
 
 class Noise(NamedTuple):
@@ -83,6 +88,7 @@ class Noise(NamedTuple):
 
     content: torch.Tensor | None  # (G, Dc) one per group, or (B, Dc) when not grouped
     style: torch.Tensor | None  # (B, Ds)
+    detail: torch.Tensor | None = None  # (B, Dd)
 
 
 class VAEOutput(NamedTuple):
@@ -95,6 +101,10 @@ class VAEOutput(NamedTuple):
     style: torch.Tensor  # (B, Ds) sampled style code fed to the decoder
     drawing_content_mean: torch.Tensor  # (B, Dc) each drawing's own content mean, before grouping
     base_logits: torch.Tensor  # (B, 1, S, S) the logits before an autoregressive head (= logits without one)
+    detail_mean: torch.Tensor  # (B, Dd)
+    detail_logvar: torch.Tensor  # (B, Dd)
+    detail: torch.Tensor  # (B, Dd) sampled detail code fed to the decoder, zero where `detail_keep` is 0
+    detail_keep: torch.Tensor  # (B,) 1 where the decoder got the sampled detail code, 0 where its prior mean 0
 
 
 def feature_sizes(image_size: int) -> list[int]:
@@ -311,6 +321,14 @@ def _conv_column(conv: nn.Conv2d, left: torch.Tensor | None, here: torch.Tensor)
 class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tags=["omniglot", "vae"]):
     """Encoder -> (content, style) Gaussians -> decoder on [z_content, z_style].
 
+    With `detail_dim` > 0 a third Gaussian head gives a per-drawing detail code z_detail, decoded
+    with the other two: the bottom of a hierarchy, what one drawing adds to its character and hand.
+    Its prior is N(0, I) and what it changes depends on content and style through the decoder (the
+    non-centred form of a conditional prior p(z_detail | z_content, z_style), as in the
+    hierarchical VAEs of Sonderby et al. 2016 and Vahdat and Kautz 2020). It is never transferred:
+    every decoding that is not given a detail code (swaps, transfers, samples of new drawings)
+    decodes with its prior mean 0.
+
     Public API: `encode(x) -> (content_mean, style_mean)`, `decode(content, style)` (pixel
     probabilities, differentiable; binary samples for an autoregressive decoder),
     `sample(content, style, generator)` (binary drawings), `decode_logits(content, style, x)` (the
@@ -324,7 +342,7 @@ class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tag
         super().__init__()
         self.config = config
         self.image_size = config.image_size
-        self.content_dim, self.style_dim = config.content_dim, config.style_dim
+        self.content_dim, self.style_dim, self.detail_dim = config.content_dim, config.style_dim, config.detail_dim
         # The decoder's levels: the `conv` encoder's, whichever encoder is chosen.
         sizes, widths = conv_levels(config)
         self.sizes, self.widths = sizes, widths
@@ -333,8 +351,13 @@ class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tag
         self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(encoded, config.hidden), nn.ReLU(inplace=True))
         self.content_head = nn.Linear(config.hidden, 2 * config.content_dim)  # mean and logvar
         self.style_head = nn.Linear(config.hidden, 2 * config.style_dim)
+        if config.detail_dim:
+            # Its own fully connected layer on the conv features: the trunk's is shaped by the content
+            # terms to forget what one drawing adds to its character.
+            self.detail_trunk = nn.Sequential(nn.Flatten(), nn.Linear(encoded, config.hidden), nn.ReLU(inplace=True))
+            self.detail_head = nn.Linear(config.hidden, 2 * config.detail_dim)
 
-        z_dim = config.content_dim + config.style_dim
+        z_dim = config.content_dim + config.style_dim + config.detail_dim
         flat = widths[-1] * sizes[-1] ** 2  # the decoder's first feature map, flattened
         self.expand = nn.Sequential(
             nn.Linear(z_dim, config.hidden), nn.ReLU(inplace=True), nn.Linear(config.hidden, flat), nn.ReLU(inplace=True)
@@ -350,13 +373,19 @@ class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tag
             self.head = PixelCNNHead(widths[0], config.pixelcnn_channels, config.pixelcnn_layers)
 
     def posterior(self, x: torch.Tensor) -> Posterior:
-        """q(z_content | x) and q(z_style | x) for images x: (B, 1, S, S) in [0, 1], ink = 1."""
-        h = self.trunk(self.features(x))  # (B, hidden)
+        """q(z_content | x), q(z_style | x) and q(z_detail | x) for images x: (B, 1, S, S) in [0, 1], ink = 1."""
+        features = self.features(x)  # (B, C, s, s)
+        h = self.trunk(features)  # (B, hidden)
         # float(): under bf16 autocast the Gaussians' arithmetic still runs in float32 (a no-op otherwise).
         content_mean, content_logvar = self.content_head(h).float().chunk(2, dim=1)  # (B, Dc) each
         style_mean, style_logvar = self.style_head(h).float().chunk(2, dim=1)  # (B, Ds) each
+        if self.detail_dim:
+            detail_mean, detail_logvar = self.detail_head(self.detail_trunk(features)).float().chunk(2, dim=1)  # (B, Dd) each
+        else:
+            detail_mean = detail_logvar = h.new_zeros(len(h), 0, dtype=torch.float32)
         # Bound log-variances so exp() can neither overflow nor reach zero precision.
-        return Posterior(content_mean, content_logvar.clamp(-12, 8), style_mean, style_logvar.clamp(-12, 8))
+        return Posterior(content_mean, content_logvar.clamp(-12, 8), style_mean, style_logvar.clamp(-12, 8),
+                         detail_mean, detail_logvar.clamp(-12, 8))
 
     @property
     def autoregressive(self) -> bool:
@@ -364,9 +393,17 @@ class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tag
         logits need the images (`decode_logits(content, style, x)`) and `decode` samples."""
         return self.config.decoder in AUTOREGRESSIVE_DECODERS
 
-    def decode_features(self, content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
-        """The decoder's last feature map (B, C0, S, S) for codes (B, Dc) and (B, Ds)."""
-        h = self.expand(torch.cat([content, style], dim=1))  # (B, C * s * s)
+    def _codes(self, content: torch.Tensor, style: torch.Tensor, detail: torch.Tensor | None) -> torch.Tensor:
+        """[content, style, detail] (B, Dc + Ds + Dd), the detail code's prior mean 0 where it is not given."""
+        if not self.detail_dim:
+            return torch.cat([content, style], dim=1)
+        if detail is None:
+            detail = content.new_zeros(len(content), self.detail_dim)
+        return torch.cat([content, style, detail], dim=1)
+
+    def decode_features(self, content: torch.Tensor, style: torch.Tensor, detail: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's last feature map (B, C0, S, S) for codes (B, Dc), (B, Ds) and (B, Dd) or None (its prior mean)."""
+        h = self.expand(self._codes(content, style, detail))  # (B, C * s * s)
         # Channels-last: the transposed convolutions and the last 3x3 convolution run ~1.4x as fast on
         # a CPU in this layout (a decoding pass without gradients, as the likelihood makes a million of
         # them; a whole training run on 2 cores is not faster), the same numbers up to float rounding.
@@ -377,22 +414,24 @@ class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tag
             h = up(F.relu(h + block(h)))  # (B, C_i, S_i, S_i), doubling the size
         return h  # (B, C0, S, S)
 
-    def decode_logits(self, content: torch.Tensor, style: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
-        """Bernoulli logits (B, 1, S, S) of the likelihood p(x | z) for codes (B, Dc), (B, Ds).
+    def decode_logits(self, content: torch.Tensor, style: torch.Tensor, x: torch.Tensor | None = None,
+                      detail: torch.Tensor | None = None) -> torch.Tensor:
+        """Bernoulli logits (B, 1, S, S) of the likelihood p(x | z) for codes (B, Dc), (B, Ds) and
+        the detail code (B, Dd) (None: its prior mean 0; not used without a detail code).
 
         deconv and resnet: independent pixels, x is not needed. pixelcnn: the logit of pixel (i, j)
         is that of p(x_ij = 1 | z, the pixels of x before it in raster order), so the images x
         (B, 1, S, S) must be given (teacher forcing); ValueError without them. Either way
         log p(x | z) = -BCE(logits, x) summed over pixels (losses.bernoulli_nll).
         """
-        return self.decode_logit_parts(content, style, x)[1]
+        return self.decode_logit_parts(content, style, x, detail)[1]
 
-    def decode_logit_parts(self, content: torch.Tensor, style: torch.Tensor,
-                           x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_logit_parts(self, content: torch.Tensor, style: torch.Tensor, x: torch.Tensor | None = None,
+                           detail: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(base, full) Bernoulli logits (B, 1, S, S): the codes' own logits, before the
         autoregressive head, and `decode_logits`' (the base plus the head's, given x). The same
         tensor twice for a decoder without a head."""
-        features = self.decode_features(content, style)  # (B, C0, S, S)
+        features = self.decode_features(content, style, detail)  # (B, C0, S, S)
         logits = self.to_logits(features)  # (B, 1, S, S)
         if not self.autoregressive:
             return logits, logits
@@ -402,11 +441,13 @@ class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tag
         return logits, logits + self.head(x, features)
 
     def forward(self, x: torch.Tensor, group_size: int = 1, noise: Noise | None = None,
-                target: torch.Tensor | None = None) -> VAEOutput:
+                target: torch.Tensor | None = None, detail_keep: torch.Tensor | None = None) -> VAEOutput:
         """Encode, sample and decode. With group_size > 1, rows come in groups of that many
         drawings of one character and share one content posterior (config.grouping). `noise`
-        gives the N(0, I) draws of the two samples; None draws them here, in the same order.
-        `target`: the images an autoregressive decoder reads (teacher forcing) when they are not x."""
+        gives the N(0, I) draws of the samples; None draws them here, in the same order.
+        `target`: the images an autoregressive decoder reads (teacher forcing) when they are not x.
+        `detail_keep` (B,) of 0s and 1s: rows decoded with their sampled detail code (1) or its
+        prior mean 0 (0), as swaps decode; None keeps every row's."""
         q = self.posterior(x)
         content_mean, content_logvar = q.content_mean, q.content_logvar
         noise = noise or Noise(None, None)
@@ -420,9 +461,13 @@ class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tag
         else:
             content = reparameterize(content_mean, content_logvar, noise.content)
         style = reparameterize(q.style_mean, q.style_logvar, noise.style)
-        base, logits = self.decode_logit_parts(content, style, x if target is None else target)  # teacher forcing
+        detail = reparameterize(q.detail_mean, q.detail_logvar, noise.detail) if self.detail_dim else q.detail_mean
+        detail_keep = x.new_ones(len(x)) if detail_keep is None else detail_keep.to(x.dtype)  # (B,)
+        detail = detail * detail_keep[:, None].to(detail.dtype)
+        base, logits = self.decode_logit_parts(content, style, x if target is None else target, detail)  # teacher forcing
         return VAEOutput(
-            logits, content_mean, content_logvar, q.style_mean, q.style_logvar, content, style, q.content_mean, base
+            logits, content_mean, content_logvar, q.style_mean, q.style_logvar, content, style, q.content_mean, base,
+            q.detail_mean, q.detail_logvar, detail, detail_keep,
         )
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -433,8 +478,10 @@ class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tag
         q = self.posterior(x.to(self.device))
         return q.content_mean, q.style_mean
 
-    def decode(self, content: torch.Tensor, style: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Drawings (N, 1, S, S) with the given codes (N, Dc), (N, Ds).
+    def decode(self, content: torch.Tensor, style: torch.Tensor, generator: torch.Generator | None = None,
+               detail: torch.Tensor | None = None) -> torch.Tensor:
+        """Drawings (N, 1, S, S) with the given codes (N, Dc), (N, Ds) and detail codes (N, Dd)
+        (None: their prior mean 0, as for swaps; not used without a detail code).
 
         deconv and resnet: the pixel probabilities p(x_ij = 1 | z), differentiable (`generator` is
         not used). An autoregressive decoder (`autoregressive`, pixelcnn) has no such map: it
@@ -442,12 +489,15 @@ class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tag
         differentiable.
         """
         if self.autoregressive:
-            return self.sample(content, style, generator)
-        return torch.sigmoid(self.decode_logits(content.to(self.device), style.to(self.device)))
+            return self.sample(content, style, generator, detail)
+        detail = None if detail is None else detail.to(self.device)
+        return torch.sigmoid(self.decode_logits(content.to(self.device), style.to(self.device), detail=detail))
 
     @torch.no_grad()
-    def sample(self, content: torch.Tensor, style: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Binary drawings (N, 1, S, S) drawn from p(x | z) for codes (N, Dc), (N, Ds).
+    def sample(self, content: torch.Tensor, style: torch.Tensor, generator: torch.Generator | None = None,
+               detail: torch.Tensor | None = None) -> torch.Tensor:
+        """Binary drawings (N, 1, S, S) drawn from p(x | z) for codes (N, Dc), (N, Ds) and detail
+        codes (N, Dd) (None: their prior mean 0).
 
         One uniform number u_ij per pixel is drawn first, all at once (torch.rand with
         `generator`, on its device), and pixel (i, j) is ink when u_ij < p(x_ij = 1 | z, pixels
@@ -455,10 +505,11 @@ class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tag
         in raster order for pixelcnn (`PixelCNNHead.sample`). Same generator state, same drawings.
         """
         content, style = content.to(self.device), style.to(self.device)
+        detail = None if detail is None else detail.to(self.device)
         shape = (len(content), 1, self.image_size, self.image_size)
         device = generator.device if generator is not None else self.device
         uniform = torch.rand(shape, generator=generator, device=device).to(self.device)  # (N, 1, S, S)
-        features = self.decode_features(content, style)  # (N, C0, S, S)
+        features = self.decode_features(content, style, detail)  # (N, C0, S, S)
         logits = self.to_logits(features)  # (N, 1, S, S)
         if not self.autoregressive:
             return (uniform < torch.sigmoid(logits)).to(logits.dtype)

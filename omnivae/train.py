@@ -146,8 +146,12 @@ def update(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, ramp
     """
     M, process = cfg.group_size, parts.process
     with _precision(cfg, x.device):
-        out = parts.run("model")(x, M, Noise(process.randn(len(x) // M, cfg.content_dim, x.device),
-                                             process.randn(len(x), cfg.style_dim, x.device)), target)
+        noise = Noise(process.randn(len(x) // M, cfg.content_dim, x.device), process.randn(len(x), cfg.style_dim, x.device))
+        keep = None
+        if cfg.detail_dim:  # drawn only then, so runs without a detail code keep their random stream
+            noise = noise._replace(detail=process.randn(len(x), cfg.detail_dim, x.device))
+            keep = (process.rand(len(x), 1, x.device)[:, 0] >= cfg.detail_drop).float()  # (B,) 1: decoded with its detail code
+        out = parts.run("model")(x, M, noise, target, keep)
         loss, terms = _loss(parts, cfg, x if target is None else target, label, ramp, out)
 
     parts.optimizer.zero_grad(set_to_none=True)
@@ -192,6 +196,13 @@ def _loss(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, ramp:
             terms[part] = REGULARIZERS[name](mean, logvar, codes, **options)
         terms[f"kl_{part}"] = gaussian_kl(mean, logvar).mean().detach()  # per posterior (one per group), logged whatever the regulariser
         loss = loss + ramp * weight * terms[part]
+    if cfg.detail_dim:
+        # KL of the detail code, paid by the drawings decoded with it: the others were decoded with
+        # its prior mean, so for them it carries nothing (their bound is that of the two codes alone).
+        kl = gaussian_kl(out.detail_mean, out.detail_logvar)  # (B,)
+        terms["detail"] = (kl * out.detail_keep.to(kl.dtype)).mean()
+        terms["kl_detail"] = kl.mean().detach()
+        loss = loss + ramp * cfg.detail_weight * terms["detail"]
     if cfg.contrastive_weight > 0:
         terms["contrastive"] = supervised_contrastive(out.drawing_content_mean, label, cfg.temperature)
         loss = loss + cfg.contrastive_weight * terms["contrastive"]
@@ -282,7 +293,7 @@ def validate(model: StructuredVAE, images: torch.Tensor, batch: int = 512) -> di
     for i in range(0, len(images), batch):
         x = images[i : i + batch]
         q = model.posterior(x)
-        logits = model.decode_logits(q.content_mean, q.style_mean, x)
+        logits = model.decode_logits(q.content_mean, q.style_mean, x, q.detail_mean)
         sums += torch.stack([bernoulli_nll(logits, x) * len(x), gaussian_kl(q.content_mean, q.content_logvar).sum(),
                              gaussian_kl(q.style_mean, q.style_logvar).sum()]).double()
     model.train()

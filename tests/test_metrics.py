@@ -466,7 +466,7 @@ def test_iwae_and_elbo_with_a_decoder_that_ignores_z():
     result = metrics.iwae_nll(model, images, k=4000, batch_size=9, chunk=1000, seed=0)
     # E[log w] = log p(x) - KL(q(z|x) || p(z)): the negative ELBO is the NLL plus the per-image KL.
     q = model.posterior(images)
-    kl = metrics.per_image_kl(*[t.detach() for t in q])["kl_total"]
+    kl = metrics.per_image_kl(*[t.detach() for t in q[:4]])["kl_total"]
     assert kl > 0.05
     assert result["elbo_nll"] == pytest.approx(exact + kl, abs=0.02)
     # The k-sample bound is within 0.01 nats of the exact NLL, far tighter than the ELBO.
@@ -1132,3 +1132,26 @@ def test_eval_streams_are_distinct_and_seeded():
     # A stream's seed is child i of SeedSequence(eval_seed); adding uses at the end keeps these.
     assert streams["subset"] == int(np.random.SeedSequence(0, spawn_key=(0,)).generate_state(1)[0])
     assert metrics.child_seeds(7, 3)[:2] == metrics.child_seeds(7, 2)
+
+
+def test_likelihoods_marginalise_the_detail_code():
+    """k = 1: -log w with z = [content, style, detail], each drawn from its posterior with the
+    first torch.randn of Generator(seed), and the detail code decoded with the other two."""
+    torch.manual_seed(0)
+    model = StructuredVAE(ModelConfig(channels=4, hidden=16, content_dim=4, style_dim=2, detail_dim=3))
+    images = metrics.binarize(torch.rand(3, 1, 28, 28) * 0.4, seed=2)
+    result = metrics.iwae_nll(model, images, k=1, batch_size=3, seed=4)
+    model.eval()
+    with torch.no_grad():
+        q = model.posterior(images)
+        mean = torch.cat([q.content_mean, q.style_mean, q.detail_mean], 1)  # (3, 9)
+        std = torch.cat([q.content_logvar, q.style_logvar, q.detail_logvar], 1).mul(0.5).exp()
+        z = mean + std * torch.randn(1, 3, 9, generator=torch.Generator().manual_seed(4))[0]  # (3, 9)
+        logits = model.decode_logits(z[:, :4], z[:, 4:6], detail=z[:, 6:])  # (3, 1, 28, 28)
+        log_p_x = torch.distributions.Bernoulli(logits=logits).log_prob(images).flatten(1).sum(1)
+        normal = torch.distributions.Normal
+        log_w = log_p_x + normal(0.0, 1.0).log_prob(z).sum(1) - normal(mean, std).log_prob(z).sum(1)  # (3,)
+    assert result["nll"] == pytest.approx(-log_w.mean().item(), abs=1e-3)
+    # A set of one drawing is the same estimate with the same noise.
+    single = metrics.set_nll(model, images, np.arange(3)[:, None], k=1, batch_size=3, seed=4)
+    assert single["nll"] == pytest.approx(result["nll"], abs=1e-3)

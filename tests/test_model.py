@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 import omnivae
 from fixtures import synthetic_omniglot
 from omnivae.config import ConfigError, make_config
-from omnivae.model import Discriminator, ModelConfig, StructuredVAE, StyleAdversary, conv4_sizes, feature_sizes
+from omnivae.model import Discriminator, ModelConfig, Noise, StructuredVAE, StyleAdversary, conv4_sizes, feature_sizes
 from omnivae.train import train
 
 
@@ -431,3 +431,27 @@ def test_from_pretrained_refuses_weights_under_other_names(tmp_path, no_network)
         StructuredVAE.from_pretrained(tmp_path / "hub")
     with pytest.raises(ConfigError, match="cannot load the model"):
         omnivae.load(tmp_path / "hub")
+
+
+def test_detail_code_is_decoded_with_its_prior_mean_unless_given():
+    torch.manual_seed(0)
+    plain = StructuredVAE(small())
+    assert plain.posterior(torch.rand(3, 1, 28, 28)).detail_mean.shape == (3, 0)
+    assert plain.expand[0].in_features == 9 and not hasattr(plain, "detail_head")  # weights as before
+    model = StructuredVAE(small(detail_dim=5)).eval()
+    x = torch.rand(4, 1, 28, 28)
+    q = model.posterior(x)
+    assert q.detail_mean.shape == q.detail_logvar.shape == (4, 5)
+    content, style = torch.randn(4, 6), torch.randn(4, 3)
+    assert torch.equal(model.decode(content, style), model.decode(content, style, detail=torch.zeros(4, 5)))
+    assert not torch.allclose(model.decode(content, style), model.decode(content, style, detail=torch.randn(4, 5)))
+    # Rows kept get their sampled detail code, the others its prior mean 0.
+    keep = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    noise = Noise(torch.randn(4, 6), torch.randn(4, 3), torch.randn(4, 5))
+    out = model(x, 1, noise, detail_keep=keep)
+    expected = q.detail_mean + (0.5 * q.detail_logvar).exp() * noise.detail
+    assert torch.allclose(out.detail[0], expected[0]) and torch.equal(out.detail[1], torch.zeros(5))
+    assert torch.equal(out.detail_keep, keep)
+    assert torch.allclose(out.logits, model.decode_logits(out.content, out.style, detail=out.detail))
+    with pytest.raises(ValueError, match="detail_dim"):
+        small(detail_dim=-1)

@@ -518,3 +518,28 @@ def test_base_term_scores_the_codes_own_logits_before_the_head():
     assert plain.base_logits is plain.logits  # no head: the same logits
     with pytest.raises(ConfigError, match="decoder=pixelcnn"):
         tiny_config(base_weight=1.0)
+
+
+def test_detail_kl_is_paid_by_the_drawings_decoded_with_their_detail_code():
+    from omnivae.losses import gaussian_kl
+    from omnivae.model import Noise
+    from omnivae.train import _loss, update
+
+    torch.manual_seed(0)
+    cfg = tiny_config(detail_dim=3, detail_weight=2.0)
+    parts = build_parts(cfg, classes=8, device=torch.device("cpu"))
+    x, label = torch.rand(16, 1, 28, 28), torch.arange(4).repeat_interleave(4)
+    keep = torch.tensor([1.0, 0.0] * 8)
+    noise = Noise(torch.randn(4, cfg.content_dim), torch.randn(16, cfg.style_dim), torch.randn(16, 3))
+    out = parts.model(x, 4, noise, detail_keep=keep)
+    loss, terms = _loss(parts, cfg, x, label, 1.0, out)
+    kl = gaussian_kl(out.detail_mean, out.detail_logvar)  # (16,)
+    assert terms["detail"].item() == pytest.approx((kl * keep).mean().item(), rel=1e-6)
+    assert terms["kl_detail"].item() == pytest.approx(kl.mean().item(), rel=1e-6)
+    without, _ = _loss(parts, dataclasses.replace(cfg, detail_weight=0.0), x, label, 1.0, out)
+    assert (loss - without).item() == pytest.approx(2.0 * terms["detail"].item(), abs=1e-3)
+    # A whole update draws which drawings keep their detail code with the share detail_drop.
+    dropped = update(parts, dataclasses.replace(cfg, detail_drop=1.0), x, label)
+    assert dropped["detail"].item() == 0.0 and dropped["kl_detail"].item() > 0.0
+    with pytest.raises(ConfigError, match="detail_drop"):
+        tiny_config(detail_drop=1.5)
