@@ -145,6 +145,21 @@ VARIANTS: dict[str, dict] = {
     "batches_128x2": {"groups": 128, "group_size": 2},  # twice the batch, 67 steps per epoch
     "c16": {"channels": 16},
     "res64_c16": {"image_size": 64, "channels": 16},  # 64 px everywhere, half the width: ~2.9x a c32 step at 28 px
+    # Posterior collapse at the start of training: the regularisers' weights ramped up over the
+    # first 2 epochs (~270 steps), and a plain VAE (one Gaussian code in two parts, KL weight 1,
+    # no groups, labels or turned characters; run with --epochs 25: 25 epochs of 106 steps are about
+    # the default's 2,700) for reference, without and with the ramp.
+    "warmup": {"warmup_epochs": 2},
+    "plain_vae": {"group_size": 1, "contrastive_weight": 0.0, "style_weight": 1.0, "rotations": False},
+    "plain_vae_warmup": {"group_size": 1, "contrastive_weight": 0.0, "style_weight": 1.0, "rotations": False,
+                         "warmup_epochs": 2},
+    # A third, per-drawing detail code that swaps never transfer (detail_dim), with the ramp; the
+    # share of drawings decoded without it (detail_drop, 0.5 unless set), and with the room for
+    # style of `dependence`.
+    "detail": {"detail_dim": 16, "warmup_epochs": 2},
+    "detail_drop0": {"detail_dim": 16, "detail_drop": 0.0, "warmup_epochs": 2},
+    "detail_drop75": {"detail_dim": 16, "detail_drop": 0.75, "warmup_epochs": 2},
+    "detail_dep": {"detail_dim": 16, "warmup_epochs": 2, "style_weight": 1.0, "style_dependence_weight": 100.0},
 }
 
 

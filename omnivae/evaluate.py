@@ -47,8 +47,10 @@ FOLDER_SPLIT = ("{classes} held-out classes of an image folder (test_classes); n
 
 @torch.no_grad()
 def encode_all(model, images: torch.Tensor, batch: int = 1024) -> dict[str, np.ndarray]:
-    """Posterior means and log-variances of every image, as float64 arrays."""
-    parts = {k: [] for k in ("content_mean", "content_logvar", "style_mean", "style_logvar")}
+    """Posterior means and log-variances of every image, as float64 arrays (and the detail code's,
+    for a model with one)."""
+    names = ("content_mean", "content_logvar", "style_mean", "style_logvar")
+    parts = {k: [] for k in names + (("detail_mean", "detail_logvar") if getattr(model, "detail_dim", 0) else ())}
     for i in range(0, len(images), batch):
         q = model.posterior(images[i : i + batch].to(model.device))
         for k in parts:
@@ -186,7 +188,8 @@ def code_metrics(codes: dict, test: omni_data.Omniglot, seed: int, episodes: int
     characters of an alphabet).
     """
     streams = metrics.eval_streams(seed)
-    kl = metrics.per_image_kl(codes["content_mean"], codes["content_logvar"], codes["style_mean"], codes["style_logvar"])
+    kl = metrics.per_image_kl(codes["content_mean"], codes["content_logvar"], codes["style_mean"], codes["style_logvar"],
+                              codes.get("detail_mean"), codes.get("detail_logvar"))
     results = named(metrics.per_image_kl, kl)
     # One z ~ q(z | x) per image, content and style drawn together: a sample of the aggregate posterior.
     content_dim = codes["content_mean"].shape[1]

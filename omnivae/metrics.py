@@ -487,7 +487,7 @@ def labelled_few_shot_accuracy(codes, labels, ways: int = 10, shots: int = 1, ep
 # KL and prior match
 
 
-def per_image_kl(content_mean, content_logvar, style_mean, style_logvar) -> dict:
+def per_image_kl(content_mean, content_logvar, style_mean, style_logvar, detail_mean=None, detail_logvar=None) -> dict:
     """Mean over images of the closed-form KL(q(z | x) || N(0, I)) of each latent part, in nats.
 
     KL = 1/2 sum_j (mu_j^2 + sigma_j^2 - log sigma_j^2 - 1) (Kingma and Welling 2014,
@@ -495,7 +495,8 @@ def per_image_kl(content_mean, content_logvar, style_mean, style_logvar) -> dict
     posterior KL, the ELBO's rate term: it is NOT a measure of prior match. A model whose
     every q(z | x) equals N(0, I) scores 0 while carrying no information, and a model with
     sharp posteriors scores high even when their aggregate is exactly N(0, I); see
-    `prior_match` for the aggregate posterior. Inputs: (N, Dc) and (N, Ds) tensors or arrays.
+    `prior_match` for the aggregate posterior. Inputs: (N, Dc) and (N, Ds) tensors or arrays, and
+    (N, Dd) for a model with a detail code: then `kl_detail` too, and `kl_total` counts it.
     """
     def part(mean, logvar):
         mean = torch.as_tensor(_as_numpy(mean), dtype=torch.float64)
@@ -503,7 +504,11 @@ def per_image_kl(content_mean, content_logvar, style_mean, style_logvar) -> dict
         return gaussian_kl(mean, logvar).mean().item()  # (N,) -> scalar
 
     kl_content, kl_style = part(content_mean, content_logvar), part(style_mean, style_logvar)
-    return {"kl_content": kl_content, "kl_style": kl_style, "kl_total": kl_content + kl_style}
+    result = {"kl_content": kl_content, "kl_style": kl_style, "kl_total": kl_content + kl_style}
+    if detail_mean is not None and _as_numpy(detail_mean).shape[1]:
+        result["kl_detail"] = part(detail_mean, detail_logvar)
+        result["kl_total"] += result["kl_detail"]
+    return result
 
 
 def _fitted_gaussian_kl(codes: np.ndarray) -> float:

@@ -49,6 +49,7 @@ class Metric:
     paper: str = ""  # where the metric comes from
     seed_document: float | None = None  # the seed document's number for this measure
     chart: bool = False  # drawn as a bar chart on the comparison page
+    optional: bool = False  # only some models have it (its function leaves the field out for the others)
 
 
 def _few_shot(codes: str, ways: int, label: str, description: str, direction: str | None,
@@ -136,13 +137,15 @@ _RECORDS: list[Metric] = [
     Metric("test_images", "images", "Images in the scored split (fewer with --subset, which keeps whole "
            "alphabets).", None, "evaluate.evaluate"),
     # Rate.
-    Metric("kl_total", "per-image KL", "Per-image KL(q(z|x) || N(0, I)), content plus style, in nats: the seed "
+    Metric("kl_total", "per-image KL", "Per-image KL(q(z|x) || N(0, I)), content plus style (plus detail), in nats: the seed "
            "document's \"KL divergence\". A rate, not a prior match: 0 means the codes carry no information.",
            None, "metrics.per_image_kl", "kl_total", paper=KL, seed_document=63.1432, chart=True),
     Metric("kl_content", "KL content", "Per-image posterior KL of the content code, in nats.", None,
            "metrics.per_image_kl", "kl_content", paper=KL),
     Metric("kl_style", "KL style", "Per-image posterior KL of the style code, in nats.", None,
            "metrics.per_image_kl", "kl_style", paper=KL),
+    Metric("kl_detail", "KL detail", "Per-image posterior KL of the detail code (detail_dim > 0), in nats.", None,
+           "metrics.per_image_kl", "kl_detail", paper=KL, optional=True),
     # Structure: clustering.
     *_kmeans("content", "", "content means", "", HIGHER, beside_pixels=True, seed_document=0.0017, chart=True),
     *_kmeans("style", "style ", "style means", " Lower: less character in the style code.", LOWER,
@@ -248,12 +251,13 @@ def _function_name(function: Callable) -> str:
 def named(function: Callable, result: dict, **where) -> dict:
     """The metric entries of one call: {key: result[field]} for every record of `function`
     with these `where` values (e.g. codes="content", ways=20). This is the one place a result's
-    fields become keys; fields no record names are not written."""
+    fields become keys; fields no record names are not written, and an optional record whose
+    field the result leaves out is skipped."""
     name = _function_name(function)
     chosen = [m for m in _RECORDS if m.function == name and m.field is not None and dict(m.where) == where]
     if not chosen:
         raise KeyError(f"the metric registry has no record of {name} with {where}")
-    return {m.key: result[m.field] for m in chosen}
+    return {m.key: result[m.field] for m in chosen if not (m.optional and m.field not in result)}
 
 
 def registry_markdown() -> str:

@@ -347,7 +347,13 @@ def test_per_image_kl_matches_torch_distributions():
     kl = metrics.per_image_kl(cm, cl, sm, sl)
     assert kl["kl_content"] == pytest.approx(expected_c.sum(1).mean().item(), rel=1e-5)
     assert kl["kl_style"] == pytest.approx(expected_s.sum(1).mean().item(), rel=1e-5)
-    assert kl["kl_total"] == pytest.approx(kl["kl_content"] + kl["kl_style"])
+    assert kl["kl_total"] == pytest.approx(kl["kl_content"] + kl["kl_style"]) and "kl_detail" not in kl
+    dm, dl = torch.randn(7, 2), torch.randn(7, 2)
+    expected_d = torch.distributions.kl_divergence(torch.distributions.Normal(dm, (0.5 * dl).exp()), std_normal(dm))
+    with_detail = metrics.per_image_kl(cm, cl, sm, sl, dm, dl)
+    assert with_detail["kl_detail"] == pytest.approx(expected_d.sum(1).mean().item(), rel=1e-5)
+    assert with_detail["kl_total"] == pytest.approx(kl["kl_total"] + with_detail["kl_detail"])
+    assert "kl_detail" not in metrics.per_image_kl(cm, cl, sm, sl, dm[:, :0], dl[:, :0])  # no detail columns
 
 
 def test_prior_match_known_answers():
