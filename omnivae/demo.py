@@ -353,7 +353,7 @@ class Demo:
         x = x.view(1, 1, *x.shape[-2:])
         with self.lock, torch.no_grad():
             content, style = self.model.encode(x)  # (1, Dc), (1, Ds)
-            reconstruction = self.model.decode(content, style)  # (1, 1, S, S)
+            reconstruction = self.model.reconstruct(x)  # (1, 1, S, S)
             sampled = generate.one_shot(self.model, x[0], SAMPLED_STYLES, STYLE_SEED)  # (8, 1, S, S)
             restyled = generate.swap(self.model, x, self.example_images)[0]  # (4, 1, S, S)
         content = content[0].cpu().numpy().astype(np.float64)

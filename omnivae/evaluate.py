@@ -396,8 +396,7 @@ def make_figures(run_dir: Path, model, test: omni_data.Omniglot, codes: dict, se
     # Decoded cells are pixel probabilities, or samples for an autoregressive decoder: each figure says which.
     kind = generate.drawing_kind(model)
     with torch.no_grad():
-        q = model.posterior(images[pick].to(model.device))
-        recon = model.decode(q.content_mean, q.style_mean, generator=torch.Generator().manual_seed(picks_seed)).cpu()
+        recon = model.reconstruct(images[pick], generator=torch.Generator().manual_seed(picks_seed)).cpu()
     plots.reconstruction_grid(images[pick], recon, out / "reconstructions.png",
                               output_label="sample" if model.autoregressive else "output",
                               title=f"reconstructions: {kind}")

@@ -325,12 +325,12 @@ class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tag
     with the other two: the bottom of a hierarchy, what one drawing adds to its character and hand.
     Its prior is N(0, I) and what it changes depends on content and style through the decoder (the
     non-centred form of a conditional prior p(z_detail | z_content, z_style), as in the
-    hierarchical VAEs of Sonderby et al. 2016 and Vahdat and Kautz 2020). It is never transferred:
+    hierarchical VAEs of Sønderby et al. 2016 and Vahdat and Kautz 2020). It is never transferred:
     every decoding that is not given a detail code (swaps, transfers, samples of new drawings)
     decodes with its prior mean 0.
 
     Public API: `encode(x) -> (content_mean, style_mean)`, `decode(content, style)` (pixel
-    probabilities, differentiable; binary samples for an autoregressive decoder),
+    probabilities, differentiable; binary samples for an autoregressive decoder), `reconstruct(x)`,
     `sample(content, style, generator)` (binary drawings), `decode_logits(content, style, x)` (the
     likelihood's logits), `autoregressive`, `image_size`, `config`. `posterior` and `forward` give
     the full distributions for training. `StructuredVAE.from_pretrained(folder_or_repo)` loads a
@@ -492,6 +492,12 @@ class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tag
             return self.sample(content, style, generator, detail)
         detail = None if detail is None else detail.to(self.device)
         return torch.sigmoid(self.decode_logits(content.to(self.device), style.to(self.device), detail=detail))
+
+    def reconstruct(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """`decode` of the posterior means of images x (N, 1, S, S): content, style and, for a model
+        with one, the detail code (the drawing's own reconstruction, not a swap's)."""
+        q = self.posterior(x.to(self.device))
+        return self.decode(q.content_mean, q.style_mean, generator, q.detail_mean if self.detail_dim else None)
 
     @torch.no_grad()
     def sample(self, content: torch.Tensor, style: torch.Tensor, generator: torch.Generator | None = None,

@@ -453,5 +453,8 @@ def test_detail_code_is_decoded_with_its_prior_mean_unless_given():
     assert torch.allclose(out.detail[0], expected[0]) and torch.equal(out.detail[1], torch.zeros(5))
     assert torch.equal(out.detail_keep, keep)
     assert torch.allclose(out.logits, model.decode_logits(out.content, out.style, detail=out.detail))
+    # A reconstruction decodes all three posterior means.
+    assert torch.allclose(model.reconstruct(x), model.decode(q.content_mean, q.style_mean, detail=q.detail_mean))
+    assert torch.allclose(plain.eval().reconstruct(x), plain.decode(*plain.encode(x)))
     with pytest.raises(ValueError, match="detail_dim"):
         small(detail_dim=-1)
