@@ -95,35 +95,29 @@ def encode_images(model, images, batch_size: int = 1024) -> tuple[np.ndarray, np
     The model is put in eval mode for the pass (batch-norm statistics, not the batch's) and
     its previous mode is restored afterwards.
     """
-    images = _as_images(images)
-    was_training = model.training
-    model.eval()
-    content, style = [], []
-    try:
-        for start in range(0, len(images), batch_size):
-            c, s = model.encode(images[start:start + batch_size].to(model.device))  # (b, Dc), (b, Ds)
-            content.append(c.float().cpu())
-            style.append(s.float().cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(content).numpy(), torch.cat(style).numpy()
+    return _encoder_pass(model, images, model.encode, batch_size)
+
+
+def _all_means(model, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Posterior means (content, style, detail) of images x: `encode`'s two and the detail code's."""
+    q = model.posterior(x)
+    return q.content_mean, q.style_mean, q.detail_mean
 
 
 @torch.no_grad()
-def encode_details(model, images, batch_size: int = 1024) -> np.ndarray | None:
-    """Detail-code posterior means of every image (N, Dd) as float32, or None for a model without
-    a detail code (model.detail_dim 0). Eval mode for the pass, as `encode_images`."""
-    if not getattr(model, "detail_dim", 0):
-        return None
+def _encoder_pass(model, images, read, batch_size: int = 1024) -> tuple[np.ndarray, ...]:
+    """`read(x)`'s tensors for every batch of images, concatenated over the batches as float32
+    arrays, with the model in eval mode for the pass (its mode restored afterwards)."""
     images = _as_images(images)
     was_training = model.training
     model.eval()
+    parts = []
     try:
-        detail = [model.posterior(images[i:i + batch_size].to(model.device)).detail_mean.float().cpu()
-                  for i in range(0, len(images), batch_size)]
+        for start in range(0, len(images), batch_size):
+            parts.append([t.float().cpu() for t in read(images[start:start + batch_size].to(model.device))])
     finally:
         model.train(was_training)
-    return torch.cat(detail).numpy()
+    return tuple(torch.cat(column).numpy() for column in zip(*parts))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1048,8 +1042,10 @@ def swap_consistency(model, classifier: CharacterClassifier, images, character, 
     character = _as_numpy(character).ravel()
     rng = np.random.default_rng(seed)
     a, b = _different_character_pairs(character, pairs, rng)
-    content, style = encode_images(model, images)  # (N, Dc), (N, Ds)
-    detail = encode_details(model, images)  # (N, Dd) or None
+    if getattr(model, "detail_dim", 0):  # reconstructions decode the detail code too: one pass for all three
+        content, style, detail = _encoder_pass(model, images, lambda x: _all_means(model, x))  # (N, Dc), (N, Ds), (N, Dd)
+    else:
+        (content, style), detail = encode_images(model, images), None  # (N, Dc), (N, Ds)
     generator = torch.Generator().manual_seed(seed)  # an autoregressive decoder's samples
     was_training = model.training
     model.eval()

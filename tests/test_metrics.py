@@ -1161,3 +1161,23 @@ def test_likelihoods_marginalise_the_detail_code():
     # A set of one drawing is the same estimate with the same noise.
     single = metrics.set_nll(model, images, np.arange(3)[:, None], k=1, batch_size=3, seed=4)
     assert single["nll"] == pytest.approx(result["nll"], abs=1e-3)
+
+
+def test_swap_judge_scores_a_detail_models_whole_reconstructions():
+    # Reconstructions decode each drawing's detail code (model.reconstruct); swaps decode its prior mean.
+    torch.manual_seed(0)
+    model = StructuredVAE(ModelConfig(channels=4, hidden=16, content_dim=4, style_dim=2, detail_dim=3)).eval()
+    images, character = torch.rand(40, 1, 28, 28), np.repeat(np.arange(8), 5)
+    class InkJudge:  # names a drawing by its total ink, finely: any change of the decoding changes its name
+        def predict(self, x):
+            return (torch.as_tensor(x).flatten(1).sum(1) * 1000).long().remainder(8).numpy()
+
+    judge = InkJudge()
+    result = metrics.swap_consistency(model, judge, images, character, pairs=30, seed=2)
+    a, b = metrics._different_character_pairs(character, 30, np.random.default_rng(2))
+    with torch.no_grad():
+        whole = judge.predict(model.reconstruct(images[a]))
+        content, style = model.encode(images)
+        swapped = judge.predict(model.decode(content[a], style[b]))
+    assert result["reconstruction_accuracy"] == pytest.approx(np.mean(whole == character[a]))
+    assert result["swap_consistency"] == pytest.approx(np.mean(swapped == character[a]))
