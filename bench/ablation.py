@@ -160,6 +160,16 @@ VARIANTS: dict[str, dict] = {
     "detail_drop0": {"detail_dim": 16, "detail_drop": 0.0, "warmup_epochs": 2},
     "detail_drop75": {"detail_dim": 16, "detail_drop": 0.75, "warmup_epochs": 2},
     "detail_dep": {"detail_dim": 16, "warmup_epochs": 2, "style_weight": 1.0, "style_dependence_weight": 100.0},
+    # Issue 10's more training characters: mirror images of the turned characters as new characters
+    # too (8 per drawn character), and mild distortions (a third of Koch et al.'s ranges).
+    "reflections": {"reflections": True},
+    "aug03": {"augment": 0.3},
+    # Against fitting the training characters: decoupled weight decay (AdamW); at 0.5 the decay
+    # alone would shrink the weights by about e^-0.75 over the default's 2,700 steps.
+    "wd05": {"weight_decay": 0.5},
+    # The contrastive term on a two-layer projection of the content means (SimCLR's head), so the
+    # code itself keeps what telling the batch's characters apart alone would discard.
+    "head": {"contrastive_head": 128},
 }
 
 

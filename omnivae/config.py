@@ -60,6 +60,7 @@ class Config:
     # --- structure
     contrastive_weight: float = 0.0  # supervised contrastive term on content means; 0 turns it off
     temperature: float = 0.1  # temperature of the contrastive term
+    contrastive_head: int = 0  # width of a two-layer projection of the content means that the contrastive term acts on (SimCLR's head); 0: on the means themselves
     proto_weight: float = 0.0  # prototypical term on content means within each grouped batch; 0 turns it off
     proto_temperature: float = 1.0  # the prototypical term's squared distances are divided by it (1: as Snell et al.)
     style_adversary_weight: float = 0.0  # gradient-reversal character classifier on the style code
@@ -68,6 +69,7 @@ class Config:
     style_dependence_weight: float = 0.0  # penalty on how much more alike the style means of one character's drawings are than the batch's (a kernel dependence measure); 0 turns it off
     cycle_weight: float = 0.0  # reverse cycle: a prior style drawn with each group's content code must be read back by the style encoder, whatever the character
     rotations: bool = False  # characters turned by 90, 180, 270 degrees count as new training characters
+    reflections: bool = False  # mirror images of the characters (of each turn, with rotations) count as new training characters
     augment: float = 0.0  # strength of random affine and stroke-width distortions of each training drawing; 0 turns them off, 1 is Koch et al.'s ranges
     binarize: bool = False  # train on dynamically binarised drawings (a fresh Bernoulli draw of each pixel every time), as the likelihood is scored
     binarize_encoder: bool = True  # with binarize: the encoder sees the binary draw too; false: it sees the grey drawing and only the decoder models the draw
@@ -80,6 +82,7 @@ class Config:
     # --- optimisation
     epochs: int = 20  # passes over the training images
     lr: float = 1e-3  # Adam learning rate
+    weight_decay: float = 0.0  # decoupled weight decay of the VAE's optimiser (AdamW): each step shrinks the weights by lr * weight_decay; 0: Adam without decay
     lr_min_ratio: float = 0.1  # cosine schedule ends at lr * this
     warmup_epochs: float = 0.0  # linear warm-up of the regulariser weights, in epochs
     seed: int = 0  # seeds Python, NumPy and torch
@@ -148,7 +151,7 @@ class Config:
         for key in ("disc_hidden", "disc_steps", "episodes", "pixelcnn_layers", "pixelcnn_channels"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("threads", "detail_dim", "nll_k", "nll_images", "swap_pairs", "tsne_characters", "set_nll_k", "set_nll_sets"):
+        for key in ("threads", "detail_dim", "contrastive_head", "nll_k", "nll_images", "swap_pairs", "tsne_characters", "set_nll_k", "set_nll_sets"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         floats = [f.name for f in dataclasses.fields(self) if typing.get_type_hints(type(self))[f.name] is float]

@@ -554,6 +554,20 @@ class GradientReversal(torch.autograd.Function):
         return -ctx.scale * grad, None
 
 
+class ProjectionHead(nn.Module):
+    """A two-layer projection of the content means that the contrastive term acts on in place of
+    the means themselves (Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual
+    Representations", section 4.2: the code before such a head keeps what the contrastive task
+    alone would discard)."""
+
+    def __init__(self, content_dim: int, width: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(content_dim, width), nn.ReLU(inplace=True), nn.Linear(width, width))
+
+    def forward(self, content_mean: torch.Tensor) -> torch.Tensor:
+        return self.net(content_mean)  # (B, width)
+
+
 class StyleAdversary(nn.Module):
     """Predicts the character from the style code through a gradient-reversal layer: the
     classifier learns to find character identity in the style code while the encoder learns

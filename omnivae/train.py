@@ -31,7 +31,7 @@ from .losses import (
     style_cycle,
     supervised_contrastive,
 )
-from .model import Discriminator, ModelConfig, Noise, StructuredVAE, StyleAdversary
+from .model import Discriminator, ModelConfig, Noise, ProjectionHead, StructuredVAE, StyleAdversary
 from .rundir import finished_epochs  # noqa: F401  (importable from here, as before rundir existed)
 
 PARTS = ("content", "style")
@@ -50,6 +50,7 @@ class Parts:
 
     model: StructuredVAE
     style_adversary: StyleAdversary | None = None
+    projection: ProjectionHead | None = None  # the contrastive term's head (contrastive_head > 0)
     discriminators: dict = field(default_factory=dict)  # part -> Discriminator
     optimizer: torch.optim.Optimizer | None = None  # VAE (and style adversary, through its reversal layer)
     disc_optimizer: torch.optim.Optimizer | None = None
@@ -61,10 +62,12 @@ class Parts:
         return self.wrapped[name] if name in self.wrapped else getattr(self, name)
 
     def helpers(self) -> dict[str, torch.nn.Module]:
-        """Every trained module but the VAE: the style adversary and the discriminators."""
+        """Every trained module but the VAE: the style adversary, the contrastive head and the discriminators."""
         found = {}
         if self.style_adversary is not None:
             found["style_adversary"] = self.style_adversary
+        if self.projection is not None:
+            found["projection"] = self.projection
         found.update({f"discriminator_{p}": d for p, d in self.discriminators.items()})
         return found
 
@@ -92,7 +95,13 @@ def build_parts(cfg: Config, classes: int, device: torch.device) -> Parts:
     if cfg.style_adversary_weight > 0:
         parts.style_adversary = StyleAdversary(cfg.style_dim, classes, cfg.hidden).to(device)
         params += list(parts.style_adversary.parameters())
-    parts.optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    if cfg.contrastive_head > 0 and cfg.contrastive_weight > 0:
+        parts.projection = ProjectionHead(cfg.content_dim, cfg.contrastive_head).to(device)
+        params += list(parts.projection.parameters())
+    if cfg.weight_decay > 0:  # decoupled weight decay (Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization")
+        parts.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        parts.optimizer = torch.optim.Adam(params, lr=cfg.lr)
     for part in PARTS:
         if getattr(cfg, f"{part}_regularizer") == "adversarial":
             dim = cfg.content_dim if part == "content" else cfg.style_dim
@@ -111,7 +120,7 @@ def wrap(parts: Parts, cfg: Config, process: distributed.Process) -> None:
     parts.process = process
     if process.world_size > 1:
         distributed.global_batch_norm(parts.model)
-    for name in ("model", "style_adversary"):
+    for name in ("model", "style_adversary", "projection"):
         module = getattr(parts, name)
         if module is not None and process.launched:
             ids = [process.device.index] if process.device.type == "cuda" else None
@@ -204,7 +213,8 @@ def _loss(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, ramp:
         terms["kl_detail"] = kl.mean().detach()
         loss = loss + ramp * cfg.detail_weight * terms["detail"]
     if cfg.contrastive_weight > 0:
-        terms["contrastive"] = supervised_contrastive(out.drawing_content_mean, label, cfg.temperature)
+        embedding = out.drawing_content_mean if parts.projection is None else parts.run("projection")(out.drawing_content_mean)
+        terms["contrastive"] = supervised_contrastive(embedding, label, cfg.temperature)
         loss = loss + cfg.contrastive_weight * terms["contrastive"]
     if cfg.proto_weight > 0:
         # Each drawing against the prototypes of its group (itself left out) and of the other groups.
@@ -323,19 +333,33 @@ def epoch_plan(cfg: Config, labels: np.ndarray, epoch: int, process: distributed
     return plan.to(process.device)
 
 
-def rotate_as_new_characters(x: torch.Tensor, label: torch.Tensor, group_size: int, turns: torch.Tensor | None = None):
+def new_character_kinds(cfg: Config) -> int:
+    """How many training characters each drawn character becomes: 4 turns with rotations, times
+    2 with reflections (the mirror image of each turn)."""
+    return (4 if cfg.rotations else 1) * (2 if cfg.reflections else 1)
+
+
+def rotate_as_new_characters(x: torch.Tensor, label: torch.Tensor, group_size: int, turns: torch.Tensor | None = None,
+                             kinds: int = 4):
     """Turn each group of drawings by a random multiple of 90 degrees and count each turn as a
-    new character (label * 4 + turns), which quadruples the training characters as in
-    Vinyals et al. 2016 ("Matching Networks for One Shot Learning", section 4.1.1).
+    new character (label * kinds + turn), which quadruples the training characters as in
+    Vinyals et al. 2016 ("Matching Networks for One Shot Learning", section 4.1.1). kinds = 8 also
+    mirrors (left to right) the turns 4-7 of the turns 0-3; kinds = 2 only mirrors (turn 1); kinds = 1
+    changes nothing.
     x: (B, 1, S, S), label: (B,); a group is `group_size` consecutive rows (1: every row).
-    turns: (B / group_size,) quarter turns of the groups, drawn here when None."""
+    turns: (B / group_size,) in [0, kinds) per group, drawn here when None."""
+    if kinds not in (1, 2, 4, 8):
+        raise ValueError(f"kinds must be 1, 2, 4 or 8, got {kinds}")
     if turns is None:
-        turns = torch.randint(0, 4, (len(x) // group_size,), device=x.device)
+        turns = torch.randint(0, kinds, (len(x) // group_size,), device=x.device)
     turns = turns.repeat_interleave(group_size)  # (B,)
-    # Every drawing turned all four ways, then each one's own turn picked: a gather, where selecting
-    # the rows of each turn by a boolean mask would wait for the device to count them.
-    every = torch.stack([torch.rot90(x, k, dims=(2, 3)) for k in range(4)], dim=1)  # (B, 4, 1, S, S)
-    return every[torch.arange(len(x), device=x.device), turns], label * 4 + turns
+    quarter = 4 if kinds >= 4 else 1  # distinct quarter turns
+    # Every drawing transformed every way, then each one's own transform picked: a gather, where
+    # selecting the rows of each kind by a boolean mask would wait for the device to count them.
+    ways = [torch.rot90(x, k % quarter, dims=(2, 3)) for k in range(kinds)]
+    ways = [w.flip(3) if k >= quarter else w for k, w in enumerate(ways)]
+    every = torch.stack(ways, dim=1)  # (B, kinds, 1, S, S)
+    return every[torch.arange(len(x), device=x.device), turns], label * kinds + turns
 
 
 def lr_schedule(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int, done_steps: int = 0):
@@ -410,14 +434,15 @@ def train_epoch(parts: Parts, cfg: Config, images: torch.Tensor, label: torch.Te
     """One pass over `plan` ((steps, B) indices on the device, see `epoch_plan`); returns the mean of
     each loss term. images: (N, 1, S, S) and label: (N,) on the training device; `epoch` counts from 0."""
     totals = EpochTotals(parts.process)
+    kinds = new_character_kinds(cfg)
     bar = tqdm(plan, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
     for i, idx in enumerate(bar):  # idx: (B,) on the device already
         done = epoch + i / len(plan)
         ramp = min(1.0, done / cfg.warmup_epochs) if cfg.warmup_epochs > 0 else 1.0
         x, y = images[idx], label[idx]
-        if cfg.rotations:
-            turns = parts.process.randint(4, len(idx) // cfg.group_size, idx.device)  # drawn as the global batch's
-            x, y = rotate_as_new_characters(x, y, cfg.group_size, turns)
+        if kinds > 1:  # turned and mirrored characters
+            turns = parts.process.randint(kinds, len(idx) // cfg.group_size, idx.device)  # drawn as the global batch's
+            x, y = rotate_as_new_characters(x, y, cfg.group_size, turns, kinds)
         if cfg.augment > 0:  # each drawing its own distortion (shared with its pair's for transfer_weight)
             amounts = parts.process.rand(len(x), 6, x.device)
             if cfg.transfer_weight > 0:
@@ -516,7 +541,7 @@ def _train(cfg: Config, run_dir: Path, data_dir, cache_dir, resume: bool, progre
     images, label = train_set.tensors().to(device), torch.as_tensor(label, device=device)  # (N, 1, S, S), (N,)
     val_images = val_set.tensors().to(device)
 
-    parts = build_parts(cfg, len(classes) * (4 if cfg.rotations else 1), device)
+    parts = build_parts(cfg, len(classes) * new_character_kinds(cfg), device)
     if checkpoint:
         restore(parts, checkpoint)
         checkpoint = None  # the modules and optimisers hold it now

@@ -195,6 +195,68 @@ def test_rotations_turn_whole_groups_and_make_new_labels():
         torch.testing.assert_close(turned[i], torch.rot90(x[i], int(turns[i]), dims=(1, 2)))
 
 
+@pytest.mark.parametrize("kinds", [2, 8])
+def test_reflections_mirror_whole_groups_as_further_new_labels(kinds):
+    from omnivae.train import rotate_as_new_characters
+
+    x = torch.zeros(2 * kinds, 1, 5, 5)
+    x[:, 0, 0, 1] = 1.0  # a mark near the top-left corner shows the turn and the mirror
+    label = torch.arange(kinds).repeat_interleave(2)  # two drawings per character
+    turns = torch.arange(kinds)  # every kind once
+    turned, new_label = rotate_as_new_characters(x, label, group_size=2, turns=turns, kinds=kinds)
+    assert new_label.tolist() == (label * kinds + turns.repeat_interleave(2)).tolist()
+    quarter = 4 if kinds == 8 else 1
+    for k in range(kinds):
+        expected = torch.rot90(x[2 * k], k % quarter, dims=(1, 2))
+        expected = expected.flip(2) if k >= quarter else expected
+        torch.testing.assert_close(turned[2 * k], expected)
+        torch.testing.assert_close(turned[2 * k + 1], expected)
+    marks = {tuple(torch.nonzero(turned[2 * k, 0])[0].tolist()) for k in range(kinds)}
+    assert len(marks) == kinds  # each kind puts the mark somewhere else: no two are the same drawing
+
+
+def test_reflections_multiply_the_classifier_characters():
+    from omnivae.train import new_character_kinds
+
+    assert [new_character_kinds(tiny_config(rotations=r, reflections=f)) for r in (False, True) for f in (False, True)] == [1, 2, 4, 8]
+
+
+def test_weight_decay_shrinks_every_weight_by_lr_times_decay():
+    from omnivae.train import build_parts
+
+    parts = build_parts(tiny_config(weight_decay=0.5, lr=0.1), classes=4, device=torch.device("cpu"))
+    before = [p.detach().clone() for p in parts.model.parameters()]
+    for p in parts.model.parameters():
+        p.grad = torch.zeros_like(p)  # no gradient: Adam's own step is 0, the decay alone moves the weights
+    parts.optimizer.step()
+    for old, new in zip(before, parts.model.parameters()):
+        torch.testing.assert_close(new.detach(), old * (1 - 0.1 * 0.5))
+    plain = build_parts(tiny_config(lr=0.1), classes=4, device=torch.device("cpu"))
+    assert type(plain.optimizer) is torch.optim.Adam and plain.optimizer.param_groups[0]["weight_decay"] == 0
+
+
+def test_contrastive_head_is_what_the_contrastive_term_sees_and_is_trained(tmp_path):
+    from omnivae.losses import supervised_contrastive
+    from omnivae.train import _loss, build_parts, update
+
+    cfg = tiny_config(contrastive_head=16, contrastive_weight=1.0)
+    parts = build_parts(cfg, classes=4, device=torch.device("cpu"))
+    assert set(parts.helpers()) == {"projection"}
+    torch.manual_seed(0)
+    x, label = torch.rand(8, 1, 28, 28), torch.arange(4).repeat_interleave(2)
+    parts.model.eval()  # the same forward pass twice
+    out = parts.model(x, group_size=2)
+    _, terms = _loss(parts, cfg, x, label, 1.0, out)
+    expected = supervised_contrastive(parts.projection(out.drawing_content_mean), label, cfg.temperature)
+    torch.testing.assert_close(terms["contrastive"], expected)
+    on_means = supervised_contrastive(out.drawing_content_mean, label, cfg.temperature)
+    assert not torch.allclose(terms["contrastive"], on_means)
+    parts.model.train()
+    before = [p.detach().clone() for p in parts.projection.parameters()]
+    update(parts, cfg, x, label)
+    assert all(not torch.equal(b, p) for b, p in zip(before, parts.projection.parameters()))
+
+
 def test_prototypical_term_is_added_with_its_weight():
     from omnivae.losses import prototypical
     from omnivae.train import _loss
