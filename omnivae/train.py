@@ -342,10 +342,10 @@ def new_character_kinds(cfg: Config) -> int:
 def rotate_as_new_characters(x: torch.Tensor, label: torch.Tensor, group_size: int, turns: torch.Tensor | None = None,
                              kinds: int = 4):
     """Turn each group of drawings by a random multiple of 90 degrees and count each turn as a
-    new character (label * kinds + turn), which quadruples the training characters as in
-    Vinyals et al. 2016 ("Matching Networks for One Shot Learning", section 4.1.1). kinds = 8 also
-    mirrors (left to right) the turns 4-7 of the turns 0-3; kinds = 2 only mirrors (turn 1); kinds = 1
-    changes nothing.
+    new character (label * kinds + turn), which multiplies the training characters by `kinds` (4:
+    the quarter turns of Vinyals et al. 2016, "Matching Networks for One Shot Learning", section
+    4.1.1). kinds = 8 also mirrors (left to right) the turns 4-7 of the turns 0-3; kinds = 2 only
+    mirrors (turn 1); kinds = 1 changes nothing.
     x: (B, 1, S, S), label: (B,); a group is `group_size` consecutive rows (1: every row).
     turns: (B / group_size,) in [0, kinds) per group, drawn here when None."""
     if kinds not in (1, 2, 4, 8):

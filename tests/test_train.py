@@ -235,7 +235,7 @@ def test_weight_decay_shrinks_every_weight_by_lr_times_decay():
     assert type(plain.optimizer) is torch.optim.Adam and plain.optimizer.param_groups[0]["weight_decay"] == 0
 
 
-def test_contrastive_head_is_what_the_contrastive_term_sees_and_is_trained(tmp_path):
+def test_contrastive_head_is_what_the_contrastive_term_sees_and_is_trained():
     from omnivae.losses import supervised_contrastive
     from omnivae.train import _loss, build_parts, update
 
