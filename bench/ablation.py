@@ -167,6 +167,10 @@ VARIANTS: dict[str, dict] = {
     # Against fitting the training characters: decoupled weight decay (AdamW); at 0.5 the decay
     # alone would shrink the weights by about e^-0.75 over the default's 2,700 steps.
     "wd05": {"weight_decay": 0.5},
+    # The same decay on the encoder alone: the decoder keeps its sharp probability maps.
+    "wd05_enc": {"weight_decay": 0.5, "decay_decoder": False},
+    "refl_wd05_enc": {"reflections": True, "weight_decay": 0.5, "decay_decoder": False},
+    "refl_wd1_enc": {"reflections": True, "weight_decay": 1.0, "decay_decoder": False},
     # The contrastive term on a two-layer projection of the content means (SimCLR's head), so the
     # code itself keeps what telling the batch's characters apart alone would discard.
     "head": {"contrastive_head": 128},

@@ -83,6 +83,7 @@ class Config:
     epochs: int = 20  # passes over the training images
     lr: float = 1e-3  # Adam learning rate
     weight_decay: float = 0.0  # decoupled weight decay of the VAE's optimiser (AdamW): each step shrinks the weights by lr * weight_decay; 0: Adam without decay
+    decay_decoder: bool = True  # with weight_decay: the decoder's weights decay too; false: only the encoder's (and its helpers')
     lr_min_ratio: float = 0.1  # cosine schedule ends at lr * this
     warmup_epochs: float = 0.0  # linear warm-up of the regulariser weights, in epochs
     seed: int = 0  # seeds Python, NumPy and torch

@@ -372,6 +372,12 @@ class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tag
         if config.decoder == "pixelcnn":
             self.head = PixelCNNHead(widths[0], config.pixelcnn_channels, config.pixelcnn_layers)
 
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        """The parameters that map codes to pixels (everything after the Gaussian heads)."""
+        parts = [self.expand, self.upsample, self.to_logits]
+        parts += [getattr(self, name) for name in ("residual", "head") if hasattr(self, name)]
+        return [p for part in parts for p in part.parameters()]
+
     def posterior(self, x: torch.Tensor) -> Posterior:
         """q(z_content | x), q(z_style | x) and q(z_detail | x) for images x: (B, 1, S, S) in [0, 1], ink = 1."""
         features = self.features(x)  # (B, C, s, s)

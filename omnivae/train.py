@@ -99,7 +99,10 @@ def build_parts(cfg: Config, classes: int, device: torch.device) -> Parts:
         parts.projection = ProjectionHead(cfg.content_dim, cfg.contrastive_head).to(device)
         params += list(parts.projection.parameters())
     if cfg.weight_decay > 0:  # decoupled weight decay (Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization")
-        parts.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        kept = set() if cfg.decay_decoder else {id(p) for p in model.decoder_parameters()}
+        groups = [{"params": [p for p in params if id(p) not in kept]},  # in a fixed order: checkpoints index by it
+                  {"params": [p for p in params if id(p) in kept], "weight_decay": 0.0}]
+        parts.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         parts.optimizer = torch.optim.Adam(params, lr=cfg.lr)
     for part in PARTS:

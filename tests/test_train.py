@@ -235,6 +235,23 @@ def test_weight_decay_shrinks_every_weight_by_lr_times_decay():
     assert type(plain.optimizer) is torch.optim.Adam and plain.optimizer.param_groups[0]["weight_decay"] == 0
 
 
+def test_encoder_only_weight_decay_leaves_the_decoder_weights_alone():
+    from omnivae.train import build_parts
+
+    parts = build_parts(tiny_config(weight_decay=0.5, lr=0.1, decay_decoder=False), classes=4, device=torch.device("cpu"))
+    decoder = {id(p) for p in parts.model.decoder_parameters()}
+    assert decoder and len(decoder) < len(list(parts.model.parameters()))
+    before = {id(p): p.detach().clone() for p in parts.model.parameters()}
+    for p in parts.model.parameters():
+        p.grad = torch.zeros_like(p)
+    parts.optimizer.step()
+    for p in parts.model.parameters():
+        factor = 1.0 if id(p) in decoder else 1 - 0.1 * 0.5
+        torch.testing.assert_close(p.detach(), before[id(p)] * factor)
+    # the to_logits layer is the decoder's, the content head the encoder's
+    assert id(parts.model.to_logits.weight) in decoder and id(parts.model.content_head.weight) not in decoder
+
+
 def test_contrastive_head_is_what_the_contrastive_term_sees_and_is_trained():
     from omnivae.losses import supervised_contrastive
     from omnivae.train import _loss, build_parts, update
