@@ -171,6 +171,10 @@ VARIANTS: dict[str, dict] = {
     "wd05_enc": {"weight_decay": 0.5, "decay_decoder": False},
     "refl_wd05_enc": {"reflections": True, "weight_decay": 0.5, "decay_decoder": False},
     "refl_wd1_enc": {"reflections": True, "weight_decay": 1.0, "decay_decoder": False},
+    # Decay compresses the content code (12 nats against 15) and blurs decodings to the judge:
+    # give the content code room back with a lighter content KL.
+    "refl_wd05_c05": {"reflections": True, "weight_decay": 0.5, "content_weight": 0.5},
+    "refl_wd05_c03": {"reflections": True, "weight_decay": 0.5, "content_weight": 0.3},
     # The contrastive term on a two-layer projection of the content means (SimCLR's head), so the
     # code itself keeps what telling the batch's characters apart alone would discard.
     "head": {"contrastive_head": 128},
