@@ -109,6 +109,9 @@ def _visible_gpus() -> int:
 # of the prototypical term on the content means was 12 to 17 times the contrastive term's per unit
 # weight. At 10 it is 1.2 to 1.7 times the contrastive term's at its weight of 100: the same size.
 VARIANTS: dict[str, dict] = {
+    # The previous `default` (64 x 2, content KL at weight 1, turned characters only): every sweep
+    # recorded before the lighter content KL ran on top of it; add these settings to rerun one.
+    "g64m2": {"content_weight": 1.0, "reflections": False, "weight_decay": 0.0},
     "conv4": {"encoder": "conv4"},
     "proto": {"proto_weight": 10.0},
     "proto_only": {"proto_weight": 10.0, "contrastive_weight": 0.0},
