@@ -178,6 +178,10 @@ VARIANTS: dict[str, dict] = {
     # give the content code room back with a lighter content KL.
     "refl_wd05_c05": {"reflections": True, "weight_decay": 0.5, "content_weight": 0.5},
     "refl_wd05_c03": {"reflections": True, "weight_decay": 0.5, "content_weight": 0.3},
+    # On today's default (the three above together): the lighter content KL alone, without
+    # mirroring and decay; and the regularisers' ramp on top.
+    "c05_only": {"reflections": False, "weight_decay": 0.0},
+    "default_warmup": {"warmup_epochs": 2},
     # The contrastive term on a two-layer projection of the content means (SimCLR's head), so the
     # code itself keeps what telling the batch's characters apart alone would discard.
     "head": {"contrastive_head": 128},
