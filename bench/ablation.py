@@ -182,6 +182,10 @@ VARIANTS: dict[str, dict] = {
     # mirroring and decay; and the regularisers' ramp on top.
     "c05_only": {"reflections": False, "weight_decay": 0.0},
     "default_warmup": {"warmup_epochs": 2},
+    # More room for style now that the content code carries the detail: style weight 2, alone and
+    # with the dependence penalty that held leakage down at style weight 1.
+    "sw2": {"style_weight": 2.0},
+    "sw2_dep": {"style_weight": 2.0, "style_dependence_weight": 100.0},
     # The contrastive term on a two-layer projection of the content means (SimCLR's head), so the
     # code itself keeps what telling the batch's characters apart alone would discard.
     "head": {"contrastive_head": 128},
