@@ -41,6 +41,7 @@ class Config:
     pixelcnn_layers: int = 3  # decoder=pixelcnn: gated layers of the head; a pixel sees the pixelcnn_layers + 1 rows above it
     pixelcnn_channels: int = 8  # decoder=pixelcnn: width of the head (8: a training step ~1.5x deconv's on a CPU)
     base_weight: float = 0.0  # decoder=pixelcnn: weight of an extra reconstruction term on the logits before the head, so the codes must draw the character's shape themselves; 0 turns it off
+    prior_components: int = 0  # the content code's prior: 0 is N(0, I); K > 0 a learned equal-weight mixture of K diagonal Gaussians (needs content_regularizer=kl)
     # --- batches: G characters x M drawings when group_size > 1, else plain shuffled batches
     batch_size: int = 128  # images per batch when group_size == 1
     groups: int = 32  # characters per batch (G) when group_size > 1
@@ -152,7 +153,7 @@ class Config:
         for key in ("disc_hidden", "disc_steps", "episodes", "pixelcnn_layers", "pixelcnn_channels"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("threads", "detail_dim", "contrastive_head", "nll_k", "nll_images", "swap_pairs", "tsne_characters", "set_nll_k", "set_nll_sets"):
+        for key in ("threads", "detail_dim", "prior_components", "contrastive_head", "nll_k", "nll_images", "swap_pairs", "tsne_characters", "set_nll_k", "set_nll_sets"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         floats = [f.name for f in dataclasses.fields(self) if typing.get_type_hints(type(self))[f.name] is float]
@@ -180,6 +181,9 @@ class Config:
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if not self.val_drawers or any(not 1 <= d <= 20 for d in self.val_drawers):
             raise ConfigError(f"val_drawers must be drawers 1..20, got {self.val_drawers}")
+        if self.prior_components and self.content_regularizer != "kl":
+            raise ConfigError(f"prior_components gives the content code a learned mixture prior, which only the KL "
+                              f"regulariser matches: it needs content_regularizer=kl, got {self.content_regularizer!r}")
         if self.style_free_bits > 0 and self.style_regularizer != "kl":
             raise ConfigError(f"style_free_bits floors the style KL: it needs style_regularizer=kl, "
                               f"got {self.style_regularizer!r}")

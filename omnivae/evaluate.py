@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from . import data as omni_data
 from . import generate, metrics, plots, rundir
 from .config import Config, ConfigError
+from .losses import sampled_kl
 from .model import resolve_device
 from .registry import named
 from .rundir import load
@@ -173,7 +174,7 @@ def judge(cfg: Config, train_set: omni_data.Omniglot, cache_dir, device, progres
     return classifier.eval()
 
 
-def code_metrics(codes: dict, test: omni_data.Omniglot, seed: int, episodes: int) -> dict:
+def code_metrics(codes: dict, test: omni_data.Omniglot, seed: int, episodes: int, model=None) -> dict:
     """Metrics of the codes alone, every random use on its own stream of `seed` (the evaluation
     seed, see metrics.eval_streams). codes: encode_all's means and log-variances.
 
@@ -197,6 +198,13 @@ def code_metrics(codes: dict, test: omni_data.Omniglot, seed: int, episodes: int
                                        np.concatenate([codes["content_logvar"], codes["style_logvar"]], 1),
                                        seed=streams["posterior_samples"])  # (N, Dc + Ds)
     sampled = {"content": sampled[:, :content_dim], "style": sampled[:, content_dim:]}
+    samplers = {"content": None, "style": None}
+    if model is not None and model.config.prior_components:
+        # A learned mixture prior has no closed-form KL: the content KL is the mean of log q(z | x) -
+        # log p(z) at the sampled codes (one per image, unbiased), and prior samples come from it.
+        kl_content = _sampled_content_kl(model, codes, sampled["content"])
+        results.update(kl_content=kl_content, kl_total=results["kl_total"] - results["kl_content"] + kl_content)
+        samplers["content"] = model.sample_content
     prior_seeds = dict(zip(("content", "style"), metrics.child_seeds(streams["prior_match"], 2)))
     for part in ("content", "style"):
         means = codes[f"{part}_mean"]
@@ -204,9 +212,9 @@ def code_metrics(codes: dict, test: omni_data.Omniglot, seed: int, episodes: int
         results.update(named(metrics.kmeans_scores, scores, codes=part))
         for ways in (20, 5) if part == "content" else (20,):
             results.update(_few_shot(part, means, test, ways, episodes, streams["episodes"]))
-        match = metrics.prior_match(sampled[part], seed=prior_seeds[part])
+        match = metrics.prior_match(sampled[part], seed=prior_seeds[part], sampler=samplers[part])
         results.update(named(metrics.prior_match, match, part=part, codes="sampled"))
-        match = metrics.prior_match(means, seed=prior_seeds[part])
+        match = metrics.prior_match(means, seed=prior_seeds[part], sampler=samplers[part])
         results.update(named(metrics.prior_match, match, part=part, codes="means"))
 
     if test.has_drawers():  # image folders record no drawers
@@ -222,6 +230,17 @@ def code_metrics(codes: dict, test: omni_data.Omniglot, seed: int, episodes: int
         results.update(named(metrics.alphabet_kmeans_scores, scores, codes=name))
         results.update(_multi_shot(name, values, test, 20, 5, episodes, streams["episodes_5shot"]))
     return results
+
+
+@torch.no_grad()
+def _sampled_content_kl(model, codes: dict, sampled: np.ndarray, batch: int = 1024) -> float:
+    """Mean over images of log q(z | x) - log p(z) at one sampled content code z per image (N, Dc)."""
+    total = 0.0
+    for start in range(0, len(sampled), batch):
+        z, mean, logvar = (torch.as_tensor(a[start:start + batch], dtype=torch.float32, device=model.device)
+                           for a in (sampled, codes["content_mean"], codes["content_logvar"]))
+        total += sampled_kl(z, mean, logvar, model.content_log_prior).double().sum().item()
+    return total / len(sampled)
 
 
 def _multi_shot(name: str, codes, test: omni_data.Omniglot, ways: int, shots: int, episodes: int, seed: int) -> dict:
@@ -344,7 +363,7 @@ def evaluate(
     results = {"protocol_version": PROTOCOL_VERSION, "split": split, "split_description": described,
                "test_images": len(test)}
     done("encoded")
-    results.update(code_metrics(codes, test, seed, episodes))
+    results.update(code_metrics(codes, test, seed, episodes, model))
     done("clusters, few-shot, prior match")
     results.update(pixel_baseline(test, seed, cache_dir, episodes))
     done("pixel baseline")

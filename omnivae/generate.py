@@ -36,8 +36,9 @@ def _prior(n: int, dim: int, seed: int, temperature: float = 1.0) -> torch.Tenso
 
 @torch.no_grad()
 def sample(model: StructuredVAE, n: int = 64, seed: int = 0, temperature: float = 1.0) -> torch.Tensor:
-    """New characters in new styles: content and style both drawn from the prior N(0, I)."""
-    content = _prior(n, model.content_dim, seed, temperature)
+    """New characters in new styles: content and style both drawn from the prior (N(0, I), or for the
+    content the model's learned mixture: `model.sample_content`)."""
+    content = model.sample_content(n, torch.Generator().manual_seed(seed), temperature)  # (n, Dc)
     style = _prior(n, model.style_dim, seed + 1, temperature)
     return _decode(model, content, style, seed)  # (n, 1, S, S)
 

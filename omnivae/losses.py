@@ -49,6 +49,39 @@ def free_bits_kl(mean: torch.Tensor, logvar: torch.Tensor, free_bits: float) -> 
     return per_dim.clamp_min(free_bits).sum()
 
 
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def gaussian_log_density(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(z; mean, diag(exp(logvar))) = -1/2 sum_j ((z_j - mean_j)^2 / sigma_j^2 + log sigma_j^2 + log 2 pi).
+
+    Summed over the last dimension; the arguments broadcast against each other.
+    """
+    return -0.5 * ((z - mean).pow(2) * (-logvar).exp() + logvar + LOG_2PI).sum(-1)
+
+
+def mixture_log_density(z: torch.Tensor, means: torch.Tensor, logvars: torch.Tensor) -> torch.Tensor:
+    """log p(z) under an equal-weight mixture of K diagonal Gaussians, the learned prior of the content code.
+
+    log p(z) = logsumexp_k log N(z; mu_k, sigma_k^2) - log K
+    (the mixture-of-Gaussians prior that Tomczak and Welling 2018, "VAE with a VampPrior",
+    compare against). z: (..., D); means, logvars: (K, D); returns (...).
+    """
+    per_component = gaussian_log_density(z[..., None, :], means, logvars)  # (..., K)
+    return per_component.logsumexp(-1) - math.log(means.shape[0])
+
+
+def sampled_kl(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, log_prior: Callable) -> torch.Tensor:
+    """One-sample Monte Carlo estimate of KL(q(z|x) || p(z)) per row: log q(z|x) - log p(z), z ~ q.
+
+    For a prior with no closed-form KL (a mixture); z must be the reparameterised sample of
+    q = N(mean, exp(logvar)) so that gradients reach the encoder (Kingma and Welling 2014, eq. 6,
+    the generic SGVB estimator). Unbiased; its expectation over z is the KL. z, mean, logvar: (B, D);
+    log_prior maps (B, D) to (B,). Returns (B,).
+    """
+    return gaussian_log_density(z, mean, logvar) - log_prior(z)
+
+
 def reparameterize(mean: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
     """z = mean + sigma * eps with eps ~ N(0, I): a sample that keeps gradients to mean and logvar.
     `eps` (mean's shape) is drawn here when None."""

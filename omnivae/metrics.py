@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import augment
-from .losses import gaussian_kl, mmd
+from .losses import LOG_2PI, gaussian_kl, mmd
 
 # ---------------------------------------------------------------------------------------------
 # Random streams
@@ -539,8 +539,9 @@ def sample_posterior(mean, logvar, seed=0) -> np.ndarray:
     return mean + np.exp(0.5 * logvar) * eps
 
 
-def prior_match(codes, seed=0, kernel: str = "imq", max_points: int = 5000) -> dict:
-    """How far the aggregate posterior (the cloud of codes) is from the prior N(0, I).
+def prior_match(codes, seed=0, kernel: str = "imq", max_points: int = 5000, sampler=None) -> dict:
+    """How far the aggregate posterior (the cloud of codes) is from the prior N(0, I), or from the
+    prior that `sampler(n, generator) -> (n, d)` draws from (a learned mixture: `model.sample_content`).
 
     A generative VAE samples z ~ N(0, I), so what matters for sampling is the aggregate
     posterior q(z) = E_x q(z | x), not each q(z | x) (Makhzani et al. 2016, "Adversarial
@@ -548,11 +549,12 @@ def prior_match(codes, seed=0, kernel: str = "imq", max_points: int = 5000) -> d
     from the posteriors (`sample_posterior`) to measure q(z) itself; posterior means measure
     only the spread of the means. Returns:
       mmd2: unbiased MMD^2 (Gretton et al. 2012, "A Kernel Two-Sample Test") between the codes
-        and as many N(0, I) samples, with the kernel of `losses.mmd`;
-      mmd2_floor: the same estimate between two independent N(0, I) samples of that size, the
+        and as many prior samples, with the kernel of `losses.mmd`;
+      mmd2_floor: the same estimate between two independent prior samples of that size, the
         noise level an exact match would show (either may be slightly negative);
       gaussian_kl: KL(N(mu_hat, Sigma_hat) || N(0, I)) of the full-covariance Gaussian fitted to
-        all codes, in nats (inf for singular covariance). It sees only the first two moments.
+        all codes, in nats (inf for singular covariance). It sees only the first two moments and
+        always compares with N(0, I), whatever the prior.
     MMD costs O(n^2) memory, so when there are more than `max_points` codes a subset of that
     size is drawn without replacement; the subset and the prior samples (numpy default_rng and a
     torch.Generator) are seeded by two children of `seed` (`child_seeds`). The MMD runs in
@@ -569,8 +571,10 @@ def prior_match(codes, seed=0, kernel: str = "imq", max_points: int = 5000) -> d
     subset = codes if n <= max_points else codes[np.sort(rng.choice(n, max_points, replace=False))]
     m = len(subset)
     generator = torch.Generator().manual_seed(prior_seed)
-    prior = torch.randn(m, d, generator=generator)  # (m, d)
-    prior_again = torch.randn(m, d, generator=generator)  # (m, d)
+    draw = (lambda count: torch.randn(count, d, generator=generator)) if sampler is None else (
+        lambda count: sampler(count, generator).float())
+    prior = draw(m)  # (m, d)
+    prior_again = draw(m)  # (m, d)
     with torch.no_grad():
         mmd2 = mmd(torch.from_numpy(subset).float(), prior, kernel).item()
         floor = mmd(prior_again, prior, kernel).item()
@@ -608,11 +612,17 @@ def _posterior_codes(q) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([q.style_mean, q.detail_mean], 1), torch.cat([q.style_logvar, q.detail_logvar], 1)
 
 
+def _mixture_prior(model) -> bool:
+    """Whether the model's content prior is a learned mixture rather than N(0, I)."""
+    return bool(getattr(getattr(model, "config", None), "prior_components", 0))
+
+
 def _log_weights(model, x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor):
     """log p(x | z_i) + log p(z_i) - log q(z_i | x) for z_i = mean + sigma * eps_i: (K, B) float64.
 
-    z = [z_content, z_style, z_detail] (z_detail where the model has one); q = N(mean, exp(logvar)) is the diagonal Gaussian of
-    model.posterior, p(z) = N(0, I), p(x | z) Bernoulli with logits model.decode_logits(z, x)
+    z = [z_content, z_style, z_detail] (z_detail where the model has one); q = N(mean, exp(logvar))
+    is the diagonal Gaussian of model.posterior, p(z) = N(0, I) (the content part's: the model's
+    learned mixture where it has one), p(x | z) Bernoulli with logits model.decode_logits(z, x)
     (x read by an autoregressive decoder: teacher forcing), summed over pixels.
     x: (B, 1, S, S); mean, logvar: (B, D); eps: (K, B, D).
     """
@@ -621,6 +631,9 @@ def _log_weights(model, x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tenso
     log_2pi = math.log(2.0 * math.pi)
     log_q = -0.5 * (eps.pow(2) + logvar + log_2pi).sum(-1)  # (K, B)
     log_p_z = -0.5 * (z.pow(2) + log_2pi).sum(-1)  # (K, B)
+    if _mixture_prior(model):  # the content part's log N(0, I) replaced by its learned prior's density
+        content = z[..., :model.content_dim]
+        log_p_z = log_p_z + 0.5 * (content.pow(2) + log_2pi).sum(-1) + model.content_log_prior(content)
     flat = z.reshape(samples * b, d)  # (K * B, D)
     target = x.expand(samples, *x.shape).reshape(samples * b, *x.shape[1:])  # (K * B, 1, S, S)
     logits = _drawing_logits(model, flat[:, :model.content_dim], flat[:, model.content_dim:], target)  # (K * B, 1, S, S)
@@ -705,7 +718,7 @@ def _set_log_weights(model, x: torch.Tensor, content_mean, content_logvar, style
     detail code, s_i is the drawing's [z_style, z_detail]),
       log w = log p(c) - log q(c | X) + sum_i [log p(x_i | c, s_i) + log p(s_i) - log q(s_i | x_i)],
     c = content_mean + sigma_c * eps_c, s_i = style_mean_i + sigma_i * eps_i; p = N(0, I) for both
-    codes, p(x | c, s) Bernoulli with logits model.decode_logits(c, s, x) (teacher forcing for an
+    codes (the content's: the model's learned mixture where it has one), p(x | c, s) Bernoulli with logits model.decode_logits(c, s, x) (teacher forcing for an
     autoregressive decoder), summed over pixels.
     x: (B, M, 1, S, S); content_mean, content_logvar: (B, Dc), the proposal for the shared code;
     style_mean, style_logvar: (B, M, Ds); eps: (K, B, Dc + M * Ds), the content noise first, then
@@ -719,6 +732,8 @@ def _set_log_weights(model, x: torch.Tensor, content_mean, content_logvar, style
     # log N(z; 0, I) - log N(z; mean, sigma^2) = -1/2 (z^2 - eps^2 - logvar): the 2 pi terms cancel.
     log_prior_over_q = (-0.5 * (content.pow(2) - eps_c.pow(2) - content_logvar).sum(-1)  # (K, B)
                         - 0.5 * (style.pow(2) - eps_s.pow(2) - style_logvar).sum((-2, -1)))
+    if _mixture_prior(model):  # the content part's log N(0, I) replaced by its learned prior's density
+        log_prior_over_q = log_prior_over_q + 0.5 * (content.pow(2) + LOG_2PI).sum(-1) + model.content_log_prior(content)
     flat_content = content[:, :, None].expand(samples, b, m, dc).reshape(-1, dc)  # (K * B * M, Dc)
     target = x.expand(samples, *x.shape).reshape(-1, *x.shape[2:])  # (K * B * M, 1, S, S)
     logits = _drawing_logits(model, flat_content, style.reshape(-1, ds), target)  # (K * B * M, 1, S, S)

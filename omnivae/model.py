@@ -25,7 +25,7 @@ from huggingface_hub.constants import CONFIG_NAME, SAFETENSORS_SINGLE_FILE
 from safetensors.torch import load_file
 
 from .config import AUTOREGRESSIVE_DECODERS, DECODERS, ConfigError
-from .losses import GROUPINGS, reparameterize
+from .losses import GROUPINGS, LOG_2PI, gaussian_kl, mixture_log_density, reparameterize, sampled_kl
 
 
 def resolve_device(name: str) -> torch.device:
@@ -52,14 +52,16 @@ class ModelConfig:
     pixelcnn_layers: int = 3  # gated layers of the pixelcnn head: a pixel sees the pixelcnn_layers + 1 rows above it
     pixelcnn_channels: int = 8  # width of the pixelcnn head
     detail_dim: int = 0  # size of the detail code (what this drawing adds to its content and style); 0: none
+    prior_components: int = 0  # the content code's prior: 0 N(0, I); K > 0 a learned equal-weight mixture of K diagonal Gaussians
 
     def __post_init__(self):
         for name in ("image_size", "content_dim", "style_dim", "channels", "hidden", "pixelcnn_layers",
                      "pixelcnn_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.detail_dim < 0:
-            raise ValueError(f"detail_dim must be >= 0, got {self.detail_dim}")
+        for name in ("detail_dim", "prior_components"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.grouping not in GROUPINGS:
             raise ValueError(f"grouping must be one of {', '.join(GROUPINGS)}, got {self.grouping!r}")
         if self.encoder not in ENCODERS:
@@ -371,6 +373,43 @@ class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tag
         self.to_logits = nn.Conv2d(widths[0], 1, 3, 1, 1)
         if config.decoder == "pixelcnn":
             self.head = PixelCNNHead(widths[0], config.pixelcnn_channels, config.pixelcnn_layers)
+        if config.prior_components:
+            # The content prior's components, learned with the rest: means drawn from N(0, I), unit variances.
+            self.prior_means = nn.Parameter(torch.randn(config.prior_components, config.content_dim))
+            self.prior_logvars = nn.Parameter(torch.zeros(config.prior_components, config.content_dim))
+
+    def prior_parameters(self) -> list[nn.Parameter]:
+        """The content prior's learned parameters (none for the N(0, I) prior)."""
+        return [self.prior_means, self.prior_logvars] if self.config.prior_components else []
+
+    def content_log_prior(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(z_content) for codes (..., Dc) -> (...): N(0, I), or the learned mixture
+        (`losses.mixture_log_density`) with prior_components > 0."""
+        if not self.config.prior_components:
+            return -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
+        logvars = self.prior_logvars.clamp(-12, 8)  # the posterior's bounds
+        return mixture_log_density(z, self.prior_means.to(z.dtype), logvars.to(z.dtype))
+
+    def content_kl(self, mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """KL(q(z_content | x) || p(z_content)) per row (B,) for posteriors (B, Dc): the closed form for
+        N(0, I); for the mixture a one-sample estimate (`losses.sampled_kl`) whose noise comes from
+        `generator` (a CPU torch.Generator; None: torch's global one)."""
+        if not self.config.prior_components:
+            return gaussian_kl(mean, logvar)
+        eps = torch.randn(mean.shape, generator=generator).to(mean.device, mean.dtype)  # (B, Dc)
+        return sampled_kl(reparameterize(mean, logvar, eps), mean, logvar, self.content_log_prior)
+
+    @torch.no_grad()
+    def sample_content(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
+        """n content codes (n, Dc) on the CPU drawn from the prior, its spread scaled by `temperature`:
+        temperature * N(0, I), or for the mixture a component drawn uniformly, then its mean plus
+        temperature * sigma * N(0, I)."""
+        if not self.config.prior_components:
+            return temperature * torch.randn(n, self.content_dim, generator=generator)  # (n, Dc)
+        which = torch.randint(self.config.prior_components, (n,), generator=generator)  # (n,)
+        eps = torch.randn(n, self.content_dim, generator=generator)  # (n, Dc)
+        means, logvars = self.prior_means.detach().cpu().float(), self.prior_logvars.detach().cpu().float().clamp(-12, 8)
+        return means[which] + temperature * (0.5 * logvars[which]).exp() * eps
 
     def decoder_parameters(self) -> list[nn.Parameter]:
         """The parameters that map codes to pixels (everything after the Gaussian heads)."""

@@ -140,7 +140,7 @@ _RECORDS: list[Metric] = [
     Metric("kl_total", "per-image KL", "Per-image KL(q(z|x) || N(0, I)), content plus style (plus detail), in nats: the seed "
            "document's \"KL divergence\". A rate, not a prior match: 0 means the codes carry no information.",
            None, "metrics.per_image_kl", "kl_total", paper=KL, seed_document=63.1432, chart=True),
-    Metric("kl_content", "KL content", "Per-image posterior KL of the content code, in nats.", None,
+    Metric("kl_content", "KL content", "Per-image posterior KL of the content code to its prior, in nats (with a learned mixture prior: a one-sample estimate per image).", None,
            "metrics.per_image_kl", "kl_content", paper=KL),
     Metric("kl_style", "KL style", "Per-image posterior KL of the style code, in nats.", None,
            "metrics.per_image_kl", "kl_style", paper=KL),

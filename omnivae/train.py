@@ -28,6 +28,7 @@ from .losses import (
     label_dependence,
     prototypical,
     r1_penalty,
+    sampled_kl,
     style_cycle,
     supervised_contrastive,
 )
@@ -99,7 +100,9 @@ def build_parts(cfg: Config, classes: int, device: torch.device) -> Parts:
         parts.projection = ProjectionHead(cfg.content_dim, cfg.contrastive_head).to(device)
         params += list(parts.projection.parameters())
     if cfg.weight_decay > 0:  # decoupled weight decay (Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization")
-        kept = set() if cfg.decay_decoder else {id(p) for p in model.decoder_parameters()}
+        # The content prior's components never decay (decay would pull them toward N(0, 1) for no reason).
+        kept = {id(p) for p in model.prior_parameters()}
+        kept |= set() if cfg.decay_decoder else {id(p) for p in model.decoder_parameters()}
         groups = [{"params": [p for p in params if id(p) not in kept]},  # in a fixed order: checkpoints index by it
                   {"params": [p for p in params if id(p) in kept], "weight_decay": 0.0}]
         parts.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -198,6 +201,13 @@ def _loss(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, ramp:
         mean, logvar, codes = _codes(cfg, out, part)
         if name == "adversarial":
             terms[part] = generator_loss(parts.discriminators[part](codes))
+        elif part == "content" and cfg.prior_components:
+            # The learned mixture prior has no closed-form KL: a one-sample estimate at the sampled
+            # codes (one per group), counted once per group as the closed form is (see losses).
+            z = out.content[::M]  # (G, Dc)
+            kl = sampled_kl(z, mean, logvar, parts.model.content_log_prior)  # (G,)
+            terms[part] = kl.mean() / M
+            terms["kl_content"] = kl.mean().detach()
         else:
             # Grouped content has one posterior per M drawings: its KL counts once per group (see losses).
             rows_per = M if part == "content" else 1
@@ -206,7 +216,8 @@ def _loss(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, ramp:
             if name == "kl" and part == "style":
                 options["free_bits"] = cfg.style_free_bits  # 0: the plain KL
             terms[part] = REGULARIZERS[name](mean, logvar, codes, **options)
-        terms[f"kl_{part}"] = gaussian_kl(mean, logvar).mean().detach()  # per posterior (one per group), logged whatever the regulariser
+        if f"kl_{part}" not in terms:  # per posterior (one per group), logged whatever the regulariser
+            terms[f"kl_{part}"] = gaussian_kl(mean, logvar).mean().detach()
         loss = loss + ramp * weight * terms[part]
     if cfg.detail_dim:
         # KL of the detail code, paid by the drawings decoded with it: the others were decoded with
@@ -303,11 +314,12 @@ def validate(model: StructuredVAE, images: torch.Tensor, batch: int = 512) -> di
     images themselves, teacher forcing) and KL of each part, on held-out drawers."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=images.device)  # summed on the device, read once
+    generator = torch.Generator().manual_seed(0)  # a learned prior's sampled KL: the same draws every epoch
     for i in range(0, len(images), batch):
         x = images[i : i + batch]
         q = model.posterior(x)
         logits = model.decode_logits(q.content_mean, q.style_mean, x, q.detail_mean)
-        sums += torch.stack([bernoulli_nll(logits, x) * len(x), gaussian_kl(q.content_mean, q.content_logvar).sum(),
+        sums += torch.stack([bernoulli_nll(logits, x) * len(x), model.content_kl(q.content_mean, q.content_logvar, generator).sum(),
                              gaussian_kl(q.style_mean, q.style_logvar).sum()]).double()
     model.train()
     return {k: v / len(images) for k, v in zip(("val_recon", "val_kl_content", "val_kl_style"), sums.tolist())}
