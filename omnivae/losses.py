@@ -60,15 +60,19 @@ def gaussian_log_density(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tens
     return -0.5 * ((z - mean).pow(2) * (-logvar).exp() + logvar + LOG_2PI).sum(-1)
 
 
-def mixture_log_density(z: torch.Tensor, means: torch.Tensor, logvars: torch.Tensor) -> torch.Tensor:
-    """log p(z) under an equal-weight mixture of K diagonal Gaussians, the learned prior of the content code.
+def mixture_log_density(z: torch.Tensor, means: torch.Tensor, logvars: torch.Tensor,
+                        logits: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(z) under a mixture of K diagonal Gaussians, the learned prior of the content code.
 
-    log p(z) = logsumexp_k log N(z; mu_k, sigma_k^2) - log K
-    (the mixture-of-Gaussians prior that Tomczak and Welling 2018, "VAE with a VampPrior",
-    compare against). z: (..., D); means, logvars: (K, D); returns (...).
+    log p(z) = logsumexp_k [log pi_k + log N(z; mu_k, sigma_k^2)], pi = softmax(logits)
+    (equal weights pi_k = 1/K when logits is None; the mixture-of-Gaussians prior that Tomczak and
+    Welling 2018, "VAE with a VampPrior", compare against). z: (..., D); means, logvars: (K, D);
+    logits: (K,); returns (...).
     """
     per_component = gaussian_log_density(z[..., None, :], means, logvars)  # (..., K)
-    return per_component.logsumexp(-1) - math.log(means.shape[0])
+    if logits is None:
+        return per_component.logsumexp(-1) - math.log(means.shape[0])
+    return (per_component + torch.log_softmax(logits, 0)).logsumexp(-1)
 
 
 def sampled_kl(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, log_prior: Callable) -> torch.Tensor:

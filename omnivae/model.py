@@ -377,10 +377,11 @@ class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tag
             # The content prior's components, learned with the rest: means drawn from N(0, I), unit variances.
             self.prior_means = nn.Parameter(torch.randn(config.prior_components, config.content_dim))
             self.prior_logvars = nn.Parameter(torch.zeros(config.prior_components, config.content_dim))
+            self.prior_logits = nn.Parameter(torch.zeros(config.prior_components))  # mixture weights softmax(logits)
 
     def prior_parameters(self) -> list[nn.Parameter]:
         """The content prior's learned parameters (none for the N(0, I) prior)."""
-        return [self.prior_means, self.prior_logvars] if self.config.prior_components else []
+        return [self.prior_means, self.prior_logvars, self.prior_logits] if self.config.prior_components else []
 
     def content_log_prior(self, z: torch.Tensor) -> torch.Tensor:
         """log p(z_content) for codes (..., Dc) -> (...): N(0, I), or the learned mixture
@@ -388,7 +389,7 @@ class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tag
         if not self.config.prior_components:
             return -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
         logvars = self.prior_logvars.clamp(-12, 8)  # the posterior's bounds
-        return mixture_log_density(z, self.prior_means.to(z.dtype), logvars.to(z.dtype))
+        return mixture_log_density(z, self.prior_means.to(z.dtype), logvars.to(z.dtype), self.prior_logits.to(z.dtype))
 
     def content_kl(self, mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """KL(q(z_content | x) || p(z_content)) per row (B,) for posteriors (B, Dc): the closed form for
@@ -402,11 +403,12 @@ class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tag
     @torch.no_grad()
     def sample_content(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
         """n content codes (n, Dc) on the CPU drawn from the prior, its spread scaled by `temperature`:
-        temperature * N(0, I), or for the mixture a component drawn uniformly, then its mean plus
-        temperature * sigma * N(0, I)."""
+        temperature * N(0, I), or for the mixture a component drawn with its weight, then its mean
+        plus temperature * sigma * N(0, I)."""
         if not self.config.prior_components:
             return temperature * torch.randn(n, self.content_dim, generator=generator)  # (n, Dc)
-        which = torch.randint(self.config.prior_components, (n,), generator=generator)  # (n,)
+        weights = torch.softmax(self.prior_logits.detach().cpu().double(), 0)  # (K,)
+        which = torch.multinomial(weights, n, replacement=True, generator=generator)  # (n,)
         eps = torch.randn(n, self.content_dim, generator=generator)  # (n, Dc)
         means, logvars = self.prior_means.detach().cpu().float(), self.prior_logvars.detach().cpu().float().clamp(-12, 8)
         return means[which] + temperature * (0.5 * logvars[which]).exp() * eps

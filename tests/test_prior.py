@@ -22,6 +22,10 @@ def test_mixture_log_density_known_answers():
 
     expected = [math.log(0.5 * normal(v, -1, 1) + 0.5 * normal(v, 2, 4)) for v in (0.0, 1.5, -3.0)]
     torch.testing.assert_close(losses.mixture_log_density(z, means, logvars), torch.tensor(expected))
+    # Weights softmax(logits) = (1/4, 3/4).
+    weighted = [math.log(0.25 * normal(v, -1, 1) + 0.75 * normal(v, 2, 4)) for v in (0.0, 1.5, -3.0)]
+    logits = torch.tensor([0.0, math.log(3.0)]) + 5.0  # a constant shift changes nothing
+    torch.testing.assert_close(losses.mixture_log_density(z, means, logvars, logits), torch.tensor(weighted))
     # K identical components are that one Gaussian; K standard normals are N(0, I).
     z = torch.randn(5, 3, 4)
     mean, logvar = torch.randn(1, 4), torch.randn(1, 4)
@@ -54,7 +58,7 @@ def test_the_model_prior_density_samples_and_kl():
     torch.testing.assert_close(drawn, 0.5 * torch.randn(4, 3, generator=torch.Generator().manual_seed(3)))
 
     mixture = StructuredVAE(ModelConfig(channels=4, hidden=16, content_dim=3, style_dim=2, prior_components=5))
-    assert [p.shape for p in mixture.prior_parameters()] == [(5, 3), (5, 3)]
+    assert [p.shape for p in mixture.prior_parameters()] == [(5, 3), (5, 3), (5,)]
     with torch.no_grad():
         mixture.prior_logvars.fill_(-12.0)  # components of near zero width: samples sit on their means
     drawn = mixture.sample_content(50, torch.Generator().manual_seed(0))
@@ -62,6 +66,10 @@ def test_the_model_prior_density_samples_and_kl():
     assert drawn.shape == (50, 3) and gaps.max() < 0.01
     assert len({tuple(row) for row in drawn.round(decimals=2).tolist()}) > 1  # several components drawn
     torch.testing.assert_close(mixture.sample_content(50, torch.Generator().manual_seed(0)), drawn)
+    with torch.no_grad():
+        mixture.prior_logits.copy_(torch.tensor([0.0, 0.0, 30.0, 0.0, 0.0]))  # all the weight on component 2
+    drawn = mixture.sample_content(20, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(drawn, mixture.prior_means[2].detach().expand(20, 3), atol=0.01, rtol=0)
     # The KL estimate: mean over many rows of one sample each -> the closed form, for a prior made N(0, I).
     with torch.no_grad():
         mixture.prior_means.zero_()
@@ -77,7 +85,9 @@ def test_a_mixture_of_standard_normals_scores_as_the_standard_normal_prior():
     torch.manual_seed(0)
     normal = StructuredVAE(ModelConfig(channels=4, hidden=16, content_dim=4, style_dim=2)).eval()
     mixture = StructuredVAE(ModelConfig(channels=4, hidden=16, content_dim=4, style_dim=2, prior_components=3)).eval()
-    state = {**normal.state_dict(), "prior_means": torch.zeros(3, 4), "prior_logvars": torch.zeros(3, 4)}
+    # (any weights: every component is N(0, I))
+    state = {**normal.state_dict(), "prior_means": torch.zeros(3, 4), "prior_logvars": torch.zeros(3, 4),
+             "prior_logits": torch.randn(3)}
     mixture.load_state_dict(state)
     images = metrics.binarize(torch.rand(6, 1, 28, 28) * 0.3, seed=1)
     for fn, kwargs in ((metrics.iwae_nll, {}), (metrics.set_nll, {"sets": np.arange(6).reshape(3, 2)})):
