@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,6 +180,17 @@ def update(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, ramp
         terms["disc"] = discriminator_step(parts, cfg, out)
     terms["loss"] = loss
     return {k: v.detach().float() for k, v in terms.items()}
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bfloat16 autocast runs natively here: a CUDA GPU that supports it, or a CPU whose
+    oneDNN kernels have bf16 (AVX-512 and later; without it autocast would emulate it, slowly)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
 
 
 def _precision(cfg: Config, device: torch.device):
@@ -522,6 +534,11 @@ def _train(cfg: Config, run_dir: Path, data_dir, cache_dir, resume: bool, progre
             raise ConfigError(f"epochs={epochs} is fewer than the {start} epochs {run_dir} has finished")
         cfg = dataclasses.replace(cfg, epochs=epochs)
         cfg.validate()
+    if cfg.precision == "bf16" and not bf16_supported(process.device):
+        if process.master:
+            print(f"omnivae: {cpu_name() if process.device.type == 'cpu' else process.device} has no bfloat16 "
+                  f"support; training in fp32 (precision=fp32 is recorded in the run's config)", file=sys.stderr)
+        cfg = dataclasses.replace(cfg, precision="fp32")
     if not resume and dataset is None and cfg.data == "omniglot" and omni_data.is_image_folder(data_dir):
         cfg = dataclasses.replace(cfg, data="folder")  # recorded, so that evaluate scores its held-out classes
         cfg.validate()

@@ -48,6 +48,7 @@ def changed(before, module):
     dict(cycle_weight=1.0, group_size=1, batch_size=16, contrastive_weight=0.0),
     dict(style_dependence_weight=1.0),
     dict(decoder="pixelcnn", base_weight=1.0),
+    dict(content_regularizer="kl", prior_components=8),
 ])
 def test_one_step_changes_every_trained_weight(overrides):
     torch.manual_seed(0)
@@ -106,6 +107,19 @@ def test_train_writes_a_run_folder_and_load_round_trips(tmp_path, synthetic):
     again = omnivae.load(run)
     torch.testing.assert_close(again.decode(content, style), model.decode(content, style))
     assert not list(tmp_path.glob("run/*.tmp")), "temporary files left behind"
+
+
+def test_bf16_without_support_trains_in_fp32_and_says_so(tmp_path, synthetic, monkeypatch, capsys):
+    import omnivae.train as train_module
+
+    monkeypatch.setattr(train_module, "bf16_supported", lambda device: False)
+    run = train(tiny_config(precision="bf16"), tmp_path / "run", dataset=synthetic, progress=False)
+    assert json.loads((run / "config.json").read_text())["precision"] == "fp32"
+    assert "has no bfloat16 support; training in fp32" in capsys.readouterr().err
+    monkeypatch.setattr(train_module, "bf16_supported", lambda device: True)
+    run = train(tiny_config(precision="bf16"), tmp_path / "run2", dataset=synthetic, progress=False)
+    assert json.loads((run / "config.json").read_text())["precision"] == "bf16"
+    assert "bfloat16" not in capsys.readouterr().err
 
 
 def test_refuses_to_overwrite_a_trained_run(tmp_path, synthetic):
