@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ def main(argv=None) -> None:
     started = time.time()
     gmm = GaussianMixture(args.components, covariance_type="diag", max_iter=200, reg_covar=1e-4,
                           random_state=0).fit(z)
-    print(f"run {args.run}: mixture of {args.components} diagonal Gaussians fitted to {len(z)} codes of "
+    print(f"run {Path(args.run).name}: mixture of {args.components} diagonal Gaussians fitted to {len(z)} codes of "
           f"{len(train)} training drawings in {time.time() - started:.0f} s (converged: {gmm.converged_})")
 
     mixture = StructuredVAE(ModelConfig(**{**dataclasses.asdict(model.config), "prior_components": args.components}))

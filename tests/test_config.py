@@ -77,9 +77,11 @@ def test_device_names_that_validate(device):
 
 
 def test_precision_and_compile_are_off_until_measured():
+    # bf16 was measured on the validation alphabets for the `default` preset (on a CPU); compile was
+    # slower on a CPU and is not measured on a GPU.
     for name in PRESETS:
         cfg = make_config(name)
-        assert (cfg.precision, cfg.compile) == ("fp32", False), name
+        assert (cfg.precision, cfg.compile) == ("bf16" if name == "default" else "fp32", False), name
     cfg = make_config("quick", ["precision=bf16", "compile=true"])
     assert (cfg.precision, cfg.compile) == ("bf16", True)
 
