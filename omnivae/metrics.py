@@ -612,9 +612,12 @@ def _posterior_codes(q) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([q.style_mean, q.detail_mean], 1), torch.cat([q.style_logvar, q.detail_logvar], 1)
 
 
-def _mixture_prior(model) -> bool:
-    """Whether the model's content prior is a learned mixture rather than N(0, I)."""
-    return bool(getattr(getattr(model, "config", None), "prior_components", 0))
+def _content_prior_shift(model, content: torch.Tensor):
+    """log p(c) - log N(c; 0, I) for content codes (..., Dc) under the model's learned mixture
+    prior, added to a log-weight computed with N(0, I); 0 for a model without one."""
+    if not getattr(getattr(model, "config", None), "prior_components", 0):
+        return 0.0
+    return 0.5 * (content.pow(2) + LOG_2PI).sum(-1) + model.content_log_prior(content)
 
 
 def _log_weights(model, x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor):
@@ -630,10 +633,7 @@ def _log_weights(model, x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tenso
     z = mean + (0.5 * logvar).exp() * eps  # (K, B, D)
     log_2pi = math.log(2.0 * math.pi)
     log_q = -0.5 * (eps.pow(2) + logvar + log_2pi).sum(-1)  # (K, B)
-    log_p_z = -0.5 * (z.pow(2) + log_2pi).sum(-1)  # (K, B)
-    if _mixture_prior(model):  # the content part's log N(0, I) replaced by its learned prior's density
-        content = z[..., :model.content_dim]
-        log_p_z = log_p_z + 0.5 * (content.pow(2) + log_2pi).sum(-1) + model.content_log_prior(content)
+    log_p_z = -0.5 * (z.pow(2) + log_2pi).sum(-1) + _content_prior_shift(model, z[..., :model.content_dim])  # (K, B)
     flat = z.reshape(samples * b, d)  # (K * B, D)
     target = x.expand(samples, *x.shape).reshape(samples * b, *x.shape[1:])  # (K * B, 1, S, S)
     logits = _drawing_logits(model, flat[:, :model.content_dim], flat[:, model.content_dim:], target)  # (K * B, 1, S, S)
@@ -731,9 +731,8 @@ def _set_log_weights(model, x: torch.Tensor, content_mean, content_logvar, style
     style = style_mean + (0.5 * style_logvar).exp() * eps_s  # (K, B, M, Ds)
     # log N(z; 0, I) - log N(z; mean, sigma^2) = -1/2 (z^2 - eps^2 - logvar): the 2 pi terms cancel.
     log_prior_over_q = (-0.5 * (content.pow(2) - eps_c.pow(2) - content_logvar).sum(-1)  # (K, B)
-                        - 0.5 * (style.pow(2) - eps_s.pow(2) - style_logvar).sum((-2, -1)))
-    if _mixture_prior(model):  # the content part's log N(0, I) replaced by its learned prior's density
-        log_prior_over_q = log_prior_over_q + 0.5 * (content.pow(2) + LOG_2PI).sum(-1) + model.content_log_prior(content)
+                        - 0.5 * (style.pow(2) - eps_s.pow(2) - style_logvar).sum((-2, -1))
+                        + _content_prior_shift(model, content))
     flat_content = content[:, :, None].expand(samples, b, m, dc).reshape(-1, dc)  # (K * B * M, Dc)
     target = x.expand(samples, *x.shape).reshape(-1, *x.shape[2:])  # (K * B * M, 1, S, S)
     logits = _drawing_logits(model, flat_content, style.reshape(-1, ds), target)  # (K * B * M, 1, S, S)
