@@ -186,7 +186,7 @@ VARIANTS: dict[str, dict] = {
     # with the dependence penalty that held leakage down at style weight 1.
     "sw2": {"style_weight": 2.0},
     "sw2_dep": {"style_weight": 2.0, "style_dependence_weight": 100.0},
-    # A learned prior for the content code: an equal-weight mixture of 512 diagonal Gaussians
+    # A learned prior for the content code: a mixture of 512 diagonal Gaussians (weights learned too)
     # (Tomczak and Welling 2018 compare it with the VampPrior), so that codes gathered by character
     # sit where the prior has mass; at the default's content weight 0.5, and at weight 1.
     "mog512": {"prior_components": 512},

@@ -41,7 +41,7 @@ class Config:
     pixelcnn_layers: int = 3  # decoder=pixelcnn: gated layers of the head; a pixel sees the pixelcnn_layers + 1 rows above it
     pixelcnn_channels: int = 8  # decoder=pixelcnn: width of the head (8: a training step ~1.5x deconv's on a CPU)
     base_weight: float = 0.0  # decoder=pixelcnn: weight of an extra reconstruction term on the logits before the head, so the codes must draw the character's shape themselves; 0 turns it off
-    prior_components: int = 0  # the content code's prior: 0 is N(0, I); K > 0 a learned equal-weight mixture of K diagonal Gaussians (needs content_regularizer=kl)
+    prior_components: int = 0  # the content code's prior: 0 is N(0, I); K > 0 a mixture of K diagonal Gaussians with learned means, variances and weights (needs content_regularizer=kl)
     # --- batches: G characters x M drawings when group_size > 1, else plain shuffled batches
     batch_size: int = 128  # images per batch when group_size == 1
     groups: int = 32  # characters per batch (G) when group_size > 1

@@ -631,9 +631,8 @@ def _log_weights(model, x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tenso
     """
     samples, b, d = eps.shape
     z = mean + (0.5 * logvar).exp() * eps  # (K, B, D)
-    log_2pi = math.log(2.0 * math.pi)
-    log_q = -0.5 * (eps.pow(2) + logvar + log_2pi).sum(-1)  # (K, B)
-    log_p_z = -0.5 * (z.pow(2) + log_2pi).sum(-1) + _content_prior_shift(model, z[..., :model.content_dim])  # (K, B)
+    log_q = -0.5 * (eps.pow(2) + logvar + LOG_2PI).sum(-1)  # (K, B)
+    log_p_z = -0.5 * (z.pow(2) + LOG_2PI).sum(-1) + _content_prior_shift(model, z[..., :model.content_dim])  # (K, B)
     flat = z.reshape(samples * b, d)  # (K * B, D)
     target = x.expand(samples, *x.shape).reshape(samples * b, *x.shape[1:])  # (K * B, 1, S, S)
     logits = _drawing_logits(model, flat[:, :model.content_dim], flat[:, model.content_dim:], target)  # (K * B, 1, S, S)
@@ -718,8 +717,9 @@ def _set_log_weights(model, x: torch.Tensor, content_mean, content_logvar, style
     detail code, s_i is the drawing's [z_style, z_detail]),
       log w = log p(c) - log q(c | X) + sum_i [log p(x_i | c, s_i) + log p(s_i) - log q(s_i | x_i)],
     c = content_mean + sigma_c * eps_c, s_i = style_mean_i + sigma_i * eps_i; p = N(0, I) for both
-    codes (the content's: the model's learned mixture where it has one), p(x | c, s) Bernoulli with logits model.decode_logits(c, s, x) (teacher forcing for an
-    autoregressive decoder), summed over pixels.
+    codes (the content's: the model's learned mixture where it has one), p(x | c, s) Bernoulli
+    with logits model.decode_logits(c, s, x) (teacher forcing for an autoregressive decoder),
+    summed over pixels.
     x: (B, M, 1, S, S); content_mean, content_logvar: (B, Dc), the proposal for the shared code;
     style_mean, style_logvar: (B, M, Ds); eps: (K, B, Dc + M * Ds), the content noise first, then
     each drawing's style noise (with M = 1 exactly the layout of `_log_weights`).

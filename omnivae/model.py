@@ -52,7 +52,7 @@ class ModelConfig:
     pixelcnn_layers: int = 3  # gated layers of the pixelcnn head: a pixel sees the pixelcnn_layers + 1 rows above it
     pixelcnn_channels: int = 8  # width of the pixelcnn head
     detail_dim: int = 0  # size of the detail code (what this drawing adds to its content and style); 0: none
-    prior_components: int = 0  # the content code's prior: 0 N(0, I); K > 0 a learned equal-weight mixture of K diagonal Gaussians
+    prior_components: int = 0  # the content code's prior: 0 N(0, I); K > 0 a mixture of K diagonal Gaussians with learned means, variances and weights
 
     def __post_init__(self):
         for name in ("image_size", "content_dim", "style_dim", "channels", "hidden", "pixelcnn_layers",
