@@ -74,6 +74,7 @@ class Config:
     augment: float = 0.0  # strength of random affine and stroke-width distortions of each training drawing; 0 turns them off, 1 is Koch et al.'s ranges
     binarize: bool = False  # train on dynamically binarised drawings (a fresh Bernoulli draw of each pixel every time), as the likelihood is scored
     binarize_encoder: bool = True  # with binarize: the encoder sees the binary draw too; false: it sees the grey drawing and only the decoder models the draw
+    encoder_binary: float = 0.0  # share of training drawings the encoder reads as a fresh binary draw while the decoder models the grey drawing, so that it proposes good codes for the binary drawings the likelihood scores; 0 turns it off (binarize=false only)
     # --- adversarial regulariser (adversarial autoencoder)
     disc_hidden: int = 256  # width of the discriminator's hidden layers
     disc_lr: float = 2e-4  # learning rate of the discriminator
@@ -165,8 +166,12 @@ class Config:
                 raise ConfigError(f"{key} must be > 0, got {value}")
             if value < 0:
                 raise ConfigError(f"{key} must be >= 0, got {value}")
-        if self.detail_drop > 1:
-            raise ConfigError(f"detail_drop must be between 0 and 1 (a share of the drawings), got {self.detail_drop}")
+        for key in ("detail_drop", "encoder_binary"):
+            if getattr(self, key) > 1:
+                raise ConfigError(f"{key} must be between 0 and 1 (a share of the drawings), got {getattr(self, key)}")
+        if self.encoder_binary and self.binarize:
+            raise ConfigError("encoder_binary is for grey training drawings; with binarize=true the encoder's input "
+                              "is set by binarize_encoder")
         if self.lr_min_ratio > 1:
             raise ConfigError(f"lr_min_ratio must be between 0 and 1, got {self.lr_min_ratio}")
         if not 0 < self.test_classes < 1:

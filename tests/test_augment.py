@@ -6,7 +6,7 @@ import torch
 
 from fixtures import synthetic_omniglot
 from omnivae import augment, distributed
-from omnivae.config import make_config
+from omnivae.config import ConfigError, make_config
 from omnivae.train import build_parts, epoch_plan, lr_schedule, train_epoch
 
 
@@ -90,6 +90,41 @@ def test_training_sees_the_changed_drawings(overrides, monkeypatch):
         assert all(set(x.unique().tolist()) <= {0.0, 1.0} for x in seen)
         grey = [torch.equal(a, b) for a, b in zip(inputs, stored)]
         assert grey == [not cfg.binarize_encoder] * 2  # the encoder sees the grey drawing only when asked
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_encoder_binary_share(share, monkeypatch):
+    """encoder_binary: the decoder models the stored grey drawing; the encoder reads that share
+    of the drawings as binary draws (each one binary or untouched, never anything else)."""
+    synthetic = synthetic_omniglot()
+    cfg = make_config("quick", dict(channels=4, hidden=32, content_dim=4, style_dim=2, groups=8, group_size=4,
+                                    epochs=1, rotations=False, device="cpu", encoder_binary=share))
+    _, label = np.unique(synthetic.character, return_inverse=True)
+    images, label = 0.2 + 0.6 * synthetic.tensors(), torch.as_tensor(label)  # grey levels everywhere
+    parts = build_parts(cfg, 32, torch.device("cpu"))
+    plan = epoch_plan(cfg, synthetic.character, 0, distributed.Process())
+    binary = []
+
+    def update(parts, cfg, x, y, ramp=1.0, target=None):
+        stored = images[plan[len(binary)]]
+        assert torch.equal(stored if target is None else target, stored)  # the decoder's target: the grey drawing
+        flat = x.flatten(1)
+        is_binary = ((flat == 0) | (flat == 1)).all(1)  # (B,)
+        assert torch.equal(x[~is_binary], stored[~is_binary])
+        binary.append(is_binary.float().mean().item())
+        return {"loss": torch.zeros(())}
+
+    monkeypatch.setattr("omnivae.train.update", update)
+    train_epoch(parts, cfg, images, label, plan, 0, lr_schedule(cfg, parts.optimizer, 10), progress=False)
+    assert len(binary) == len(plan) >= 2
+    assert abs(np.mean(binary) - share) < 0.15
+
+
+def test_encoder_binary_is_checked():
+    with pytest.raises(ConfigError, match="encoder_binary must be between 0 and 1"):
+        make_config("quick", dict(encoder_binary=1.5))
+    with pytest.raises(ConfigError, match="binarize_encoder"):
+        make_config("quick", dict(encoder_binary=0.5, binarize=True))
 
 
 def test_paired_groups_share_their_draws():

@@ -64,6 +64,16 @@ def test_mmd_same_distribution_near_zero_different_distributions_positive(kernel
     assert shifted > 20 * abs(same)
 
 
+@pytest.mark.parametrize("kernel", ["imq", "rbf"])
+@pytest.mark.parametrize("block", [1, 7, 64, 1000])
+def test_mmd_in_blocks_equals_the_whole_matrices(kernel, block):
+    """Summing the kernel matrices a block of rows at a time gives the same estimate, for blocks
+    that divide the sizes, that do not, and that exceed them; n and m differ."""
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(50, 6, generator=g, dtype=torch.float64), 0.5 + torch.randn(37, 6, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(losses.mmd(x, y, kernel, block=block), losses.mmd(x, y, kernel), rtol=1e-10, atol=1e-12)
+
+
 def test_mmd_is_unbiased_on_average():
     # The unbiased estimator averages to 0 (not a positive bias ~1/n) between equal distributions.
     g = torch.Generator().manual_seed(1)

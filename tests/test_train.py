@@ -122,6 +122,19 @@ def test_bf16_without_support_trains_in_fp32_and_says_so(tmp_path, synthetic, mo
     assert "bfloat16" not in capsys.readouterr().err
 
 
+def test_validation_in_bf16_is_float32_to_bf16_precision(synthetic):
+    """validate runs the networks in the training precision and sums in float32: the bf16
+    numbers are float32's within bf16's round-off, and they are float32 values."""
+    from omnivae.train import validate
+
+    parts = build_parts(tiny_config(), 8, torch.device("cpu"))
+    x = synthetic.tensors()[:40]
+    full, half = validate(parts.model, x, batch=16), validate(parts.model, x, batch=16, precision="bf16")
+    assert parts.model.training  # put back in training mode
+    for key in ("val_recon", "val_kl_content", "val_kl_style"):
+        assert half[key] != full[key] and half[key] == pytest.approx(full[key], rel=0.02)
+
+
 def test_refuses_to_overwrite_a_trained_run(tmp_path, synthetic):
     train(tiny_config(), tmp_path / "run", dataset=synthetic, progress=False)
     with pytest.raises(ConfigError, match="already holds a trained run"):
