@@ -134,6 +134,8 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
                    "0 skips it (default: the run's config, 1000 in most presets)")
     p.add_argument("--nll-images", type=_count(0), metavar="N", help="test images used for the likelihood (a fixed "
                    "subset), 0 = all (default: the run's config, 500 in most presets)")
+    p.add_argument("--nll-blur", type=float, metavar="PIXELS", help="blur (pixels at 28 px) of the binary drawings "
+                   "the likelihoods' importance proposal reads; 0 reads them as they are (default: the run's config, 0.7)")
     p.add_argument("--episodes", type=_count(1), metavar="N",
                    help="few-shot episodes per test, >= 1 (default: the run's config, 1000)")
     p.add_argument("--swap-pairs", type=_count(0), metavar="N",
@@ -356,7 +358,7 @@ def _evaluate(args: argparse.Namespace, run_dir: Path) -> None:
 
     results = evaluate(run_dir, args.data_dir, args.cache_dir, subset=args.subset, nll_k=args.nll_k,
                        nll_images=args.nll_images, episodes=args.episodes, swap_pairs=args.swap_pairs,
-                       figures=not args.no_figures, progress=not args.quiet, split=args.split)
+                       figures=not args.no_figures, progress=not args.quiet, split=args.split, nll_blur=args.nll_blur)
     for key, value in results.items():
         if isinstance(value, float):
             print(f"  {key:32s} {value:.4f}")

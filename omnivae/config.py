@@ -102,6 +102,7 @@ class Config:
     swap_pairs: int = 2000  # image pairs for swap consistency; 0 skips it
     set_nll_k: int = 1000  # importance samples per set, set and one-shot likelihoods; 0 skips them (so does nll_k = 0)
     set_nll_sets: int = 50  # sets of 5 drawings of one test character for them; 0 skips them
+    nll_blur: float = 0.7  # the likelihoods' importance proposal: the encoder reads each binary drawing blurred by a Gaussian of this many pixels at 28 px (scaled with image_size), near the grey drawings it learned on; 0 reads the binary drawing (and so does an encoder trained on binary drawings, binarize with binarize_encoder)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -36,7 +37,9 @@ SWAP_CANDIDATES = 15  # characters whose drawings the swap grid picks its 6 visi
 # with augmentations like a decoder's (so swap numbers moved), and new metrics: per-alphabet
 # clustering, 20-way 5-shot, digits transfer, style effect, set and one-shot likelihoods. 4: the
 # style effect's ink masks are each drawing's expected ink count of darkest pixels, not grey >= 0.5.
-PROTOCOL_VERSION = 4
+# 5: the likelihoods' importance proposal reads the binary drawings blurred (nll_blur): the
+# likelihood numbers moved (tighter), nothing else did.
+PROTOCOL_VERSION = 5
 PIXEL_BASELINE_VERSION = 3  # the protocol that last changed the raw-pixel numbers: their cache key
 SPLITS = {  # what `split` evaluates on; swap consistency always uses the training characters' held-out drawers
     "evaluation": "evaluation set (20 unseen alphabets, 659 characters)",
@@ -284,13 +287,15 @@ def style_effect_metrics(model, test: omni_data.Omniglot, images: torch.Tensor, 
     return named(metrics.style_effect, result)
 
 
-def set_likelihoods(model, images: torch.Tensor, character, k: int, sets: int, seed: int, progress: bool) -> dict:
+def set_likelihoods(model, images: torch.Tensor, character, k: int, sets: int, seed: int, progress: bool,
+                    blur: float = 0.0) -> dict:
     """`set_nll_5` and `conditional_nll_1shot` on `sets` random sets of SET_SIZE drawings of one character.
 
     The sets are a random choice among every character's drawings split into disjoint sets
     (`metrics.character_sets`); their drawings are binarised once; the one-shot conditional uses the
     first two drawings of each set, -log p(first | second). Every random use on its own stream of
-    `seed` (the evaluation seed). None where no character has SET_SIZE drawings."""
+    `seed` (the evaluation seed); the proposal reads the drawings blurred by `blur` pixels
+    (`metrics.soften`). None where no character has SET_SIZE drawings."""
     streams = metrics.eval_streams(seed)
     chosen = metrics.character_sets(character, SET_SIZE, streams["set_nll_sets"])[:sets]  # (n, SET_SIZE)
     if not len(chosen):
@@ -300,10 +305,23 @@ def set_likelihoods(model, images: torch.Tensor, character, k: int, sets: int, s
     binary = metrics.binarize(images[torch.as_tensor(rows)], seed=streams["set_binarize"])
     local = np.searchsorted(rows, chosen)  # (n, SET_SIZE) rows of `binary`
     set_seed, pair_seed = metrics.child_seeds(streams["set_iwae"], 2)
-    results = named(metrics.set_nll, metrics.set_nll(model, binary, local, k=k, seed=set_seed, progress=progress))
-    pairs = metrics.conditional_nll(model, binary, local[:, :2], k=k, seed=pair_seed, progress=progress)
+    results = named(metrics.set_nll, metrics.set_nll(model, binary, local, k=k, seed=set_seed, progress=progress,
+                                                                  blur=blur))
+    pairs = metrics.conditional_nll(model, binary, local[:, :2], k=k, seed=pair_seed, progress=progress, blur=blur)
     results.update(named(metrics.conditional_nll, pairs))
     return results
+
+
+def proposal_blur(cfg: Config, nll_blur: float | None = None) -> float:
+    """Pixels of blur at the run's image size for the likelihoods' importance proposal: `nll_blur`
+    (None: cfg.nll_blur) given at 28 px and scaled with cfg.image_size; 0 for an encoder that
+    trained on binary drawings (binarize with binarize_encoder), which reads them as they are."""
+    blur = cfg.nll_blur if nll_blur is None else nll_blur
+    if not math.isfinite(blur) or blur < 0:
+        raise ConfigError(f"nll_blur must be a finite number >= 0, got {blur}")
+    if cfg.binarize and cfg.binarize_encoder:
+        return 0.0
+    return blur * cfg.image_size / 28
 
 
 def evaluate(
@@ -319,6 +337,7 @@ def evaluate(
     device: str = "auto",
     progress: bool = True,
     split: str = "evaluation",
+    nll_blur: float | None = None,
 ) -> dict:
     """Evaluate a trained run on the evaluation set; writes the run's metrics file and figures.
 
@@ -333,7 +352,9 @@ def evaluate(
     value (see Config): importance samples per image for the likelihood (0 skips it), test
     images it uses (a fixed subset; 0 means all), few-shot episodes, swap pairs (0 skips it).
     The set and one-shot likelihoods take their budget from the config (set_nll_k, set_nll_sets)
-    and run with the likelihood (nll_k = 0 skips them too).
+    and run with the likelihood (nll_k = 0 skips them too). nll_blur: pixels (at 28 px) of the
+    blur the likelihoods' importance proposal reads the binary drawings with (`proposal_blur`);
+    None takes the run's config value.
     """
     started = time.time()
     run_dir = Path(run_dir)
@@ -345,6 +366,7 @@ def evaluate(
     nll_images = cfg.nll_images if nll_images is None else nll_images
     episodes = cfg.episodes if episodes is None else episodes
     swap_pairs = cfg.swap_pairs if swap_pairs is None else swap_pairs
+    blur = proposal_blur(cfg, nll_blur)
     test = load_split(cfg, split, data_dir, cache_dir, progress)
     model = load(run_dir, str(resolve_device(device)))
     seed = cfg.eval_seed
@@ -387,11 +409,11 @@ def evaluate(
             np.sort(np.random.default_rng(streams["nll_images"]).choice(len(test), nll_images, replace=False))
         )
         binary = metrics.binarize(images[chosen], seed=streams["binarize"])
-        likelihood = metrics.iwae_nll(model, binary, k=nll_k, seed=streams["iwae"], progress=progress)
-        results.update(named(metrics.iwae_nll, likelihood), nll_images=len(chosen))
+        likelihood = metrics.iwae_nll(model, binary, k=nll_k, seed=streams["iwae"], progress=progress, blur=blur)
+        results.update(named(metrics.iwae_nll, likelihood), nll_images=len(chosen), nll_blur=blur)
         if cfg.set_nll_k and cfg.set_nll_sets:
             results.update(set_likelihoods(model, images, test.character, cfg.set_nll_k, cfg.set_nll_sets, seed,
-                                           progress))
+                                           progress, blur))
     done("likelihood")
 
     if figures:

@@ -216,12 +216,15 @@ _RECORDS: list[Metric] = [
            paper=STYLE_EFFECT),
     # Likelihood.
     Metric("nll_iwae", "NLL (nats)", "Negative log-likelihood per dynamically binarised test image, k-sample "
-           "importance-weighted bound with the encoder as proposal, in nats.", LOWER, "metrics.iwae_nll", "nll",
-           paper=IWAE, chart=True),
+           "importance-weighted bound with the encoder as proposal (reading the drawing blurred by `nll_blur` "
+           "pixels), in nats.", LOWER, "metrics.iwae_nll", "nll", paper=IWAE, chart=True),
     Metric("elbo_nll", "-ELBO (nats)", "Negative ELBO per image from the same samples, in nats: never below "
            "`nll_iwae`.", LOWER, "metrics.iwae_nll", "elbo_nll", paper=IWAE),
     Metric("nll_k", "NLL samples", "Importance samples per image behind `nll_iwae`.", None, "metrics.iwae_nll", "k"),
     Metric("nll_images", "NLL images", "Test images behind `nll_iwae` (a fixed subset).", None, "evaluate.evaluate"),
+    Metric("nll_blur", "NLL proposal blur", "Standard deviation, in pixels, of the Gaussian blur of the binary "
+           "drawings that the likelihoods' importance proposal reads (0: the drawings themselves).", None,
+           "evaluate.evaluate"),
     Metric("set_nll_5", "set NLL (nats)", "Negative log-likelihood of 5 binarised drawings of one test character "
            "sharing one content code (a style code each), per drawing, in nats: importance sampling with the "
            "product of the 5 content posteriors as proposal.", LOWER, "metrics.set_nll", "nll",

@@ -1,5 +1,6 @@
 """omnivae.evaluate: which images a run is scored on."""
 import numpy as np
+import pytest
 
 from fixtures import synthetic_omniglot
 from omnivae.evaluate import whole_alphabets
@@ -102,3 +103,16 @@ def test_figures_say_what_their_drawings_are(tmp_path, monkeypatch):
         for name in ("reconstructions.png", "samples.png", "swap.png", "interpolation.png"):
             binary = set(np.unique(seen[name][1]).tolist()) <= {0.0, 1.0}
             assert binary == (decoder == "pixelcnn"), name
+
+
+def test_proposal_blur_scales_with_the_image_and_is_off_for_binary_encoders():
+    from omnivae.config import ConfigError, make_config
+    from omnivae.evaluate import proposal_blur
+
+    assert proposal_blur(make_config("default")) == 0.7
+    assert proposal_blur(make_config("default", dict(image_size=64))) == pytest.approx(1.6)
+    assert proposal_blur(make_config("default"), 0.0) == 0.0
+    assert proposal_blur(make_config("default", dict(binarize=True))) == 0.0  # its encoder reads binary drawings
+    assert proposal_blur(make_config("default", dict(binarize=True, binarize_encoder=False))) == 0.7
+    with pytest.raises(ConfigError, match="nll_blur"):
+        proposal_blur(make_config("default"), -1.0)

@@ -546,6 +546,50 @@ def test_log_weights_formula():
     assert torch.allclose(metrics._log_weights(model, x, mean, logvar, eps), expected.double(), atol=1e-4)
 
 
+def test_soften_is_a_normalised_gaussian_blur():
+    x = torch.zeros(2, 1, 15, 15)
+    x[0, 0, 7, 7] = 1.0
+    assert metrics.soften(x, 0.0) is x
+    out = metrics.soften(x, 0.7)
+    assert out.shape == x.shape and torch.equal(out[1], x[1])
+    spot = out[0, 0]
+    assert spot.sum().item() == pytest.approx(1.0, abs=1e-6)  # the kernel sums to 1 (away from the border)
+    torch.testing.assert_close(spot, spot.T)
+    torch.testing.assert_close(spot, spot.flip(0))
+    r = torch.arange(15.0) - 7
+    variance = (spot.sum(0) * r**2).sum().item()  # along one axis
+    assert variance == pytest.approx(0.7**2, rel=0.01)  # truncated at 3 sigma: nearly all the mass
+    assert spot[7, 7] == spot.max() and spot[7, 8].item() == pytest.approx(spot[7, 7].item() * math.exp(-0.5 / 0.49), rel=1e-5)
+
+
+def test_likelihood_proposals_read_the_blurred_drawing_and_the_decoder_the_binary_one():
+    """blur changes only the proposal: k = 1 gives -log w with q(z | soften(x)) and a decoder
+    teacher-forced on the binary x; a decoder that ignores z scores the exact NLL either way."""
+    model = _tiny_pixelcnn()
+    images = metrics.binarize(torch.rand(3, 1, 28, 28) * 0.4, seed=2)
+    result = metrics.iwae_nll(model, images, k=1, batch_size=3, seed=4, blur=0.7)
+    model.eval()
+    with torch.no_grad():
+        q = model.posterior(metrics.soften(images, 0.7))
+        mean = torch.cat([q.content_mean, q.style_mean], 1)  # (3, 6)
+        std = torch.cat([q.content_logvar, q.style_logvar], 1).mul(0.5).exp()
+        z = mean + std * torch.randn(1, 3, 6, generator=torch.Generator().manual_seed(4))[0]  # (3, 6)
+        logits = model.decode_logits(z[:, :4], z[:, 4:], images)
+        log_p_x = torch.distributions.Bernoulli(logits=logits).log_prob(images).flatten(1).sum(1)
+        normal = torch.distributions.Normal
+        log_w = log_p_x + normal(0.0, 1.0).log_prob(z).sum(1) - normal(mean, std).log_prob(z).sum(1)  # (3,)
+    assert result["nll"] == pytest.approx(-log_w.mean().item(), abs=1e-3)
+    assert result["nll"] != pytest.approx(metrics.iwae_nll(model, images, k=1, batch_size=3, seed=4)["nll"], abs=1e-3)
+    # The set likelihood of single drawings is the IWAE estimate with the same proposal and noise.
+    single = metrics.set_nll(model, images, np.arange(3)[:, None], k=8, batch_size=3, seed=5, blur=0.7)["nll"]
+    assert single == pytest.approx(metrics.iwae_nll(model, images, k=8, batch_size=3, seed=5, blur=0.7)["nll"], abs=1e-3)
+    torch.manual_seed(0)
+    logits = torch.randn(1, 6, 6)
+    binary = metrics.binarize(torch.rand(9, 1, 6, 6), seed=0)
+    result = metrics.iwae_nll(ConstantDecoder(logits), binary, k=4000, batch_size=9, chunk=1000, seed=0, blur=1.0)
+    assert result["nll"] == pytest.approx(_exact_nll(logits, binary), abs=0.01)
+
+
 def test_iwae_reproducible_and_independent_of_chunks():
     torch.manual_seed(0)
     model = StructuredVAE(ModelConfig(channels=4, hidden=16, content_dim=4, style_dim=2))
