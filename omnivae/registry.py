@@ -128,8 +128,9 @@ _RECORDS: list[Metric] = [
     Metric("protocol_version", "protocol", "Version of the evaluation protocol (2: Lake et al. episodes with 95% "
            "intervals, leakage references, prior match on sampled codes, one random stream per use; 3: a swap "
            "judge trained with augmentations, per-alphabet clustering, 5-shot, digits transfer, set likelihood, "
-           "style effect; 4: the style effect's ink masks without a grey-level threshold); `omnivae compare` warns "
-           "when runs differ.", None, "evaluate.evaluate"),
+           "style effect; 4: the style effect's ink masks without a grey-level threshold; 5: the likelihoods' "
+           "importance proposal reads the binary drawings blurred); `omnivae compare` warns when runs differ.", None,
+           "evaluate.evaluate"),
     Metric("split", "split", "The images scored: `evaluation` (20 unseen alphabets: the numbers to report) or "
            "`validation` (background alphabets a val_holdout run never trained on: for every choice).",
            None, "evaluate.evaluate"),

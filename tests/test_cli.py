@@ -288,7 +288,7 @@ def test_validation_split_scores_held_out_alphabets_only(tmp_path, monkeypatch, 
                      "--set", "val_alphabets=Alphabet_01", *common]) == 0
     assert cli.main(["--quiet", "evaluate", str(held), "--split", "validation", *evaluate, *common]) == 0
     metrics = json.loads((held / "metrics.json").read_text())
-    assert metrics["split"] == "validation" and metrics["protocol_version"] == 4
+    assert metrics["split"] == "validation" and metrics["protocol_version"] == 5
     assert metrics["test_images"] == 20 * 4  # every drawing of the held-out alphabet, nothing else
 
     full = tmp_path / "full"
