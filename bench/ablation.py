@@ -204,6 +204,9 @@ VARIANTS: dict[str, dict] = {
     # training drawings reaches the encoder binarised; the decoder models the grey drawing.
     "eb025": {"encoder_binary": 0.25},
     "eb05": {"encoder_binary": 0.5},
+    # The PixelCNN head on today's default, the encoder on grey drawings, now that the proposal
+    # reads binary drawings blurred (protocol 5): without and with the base term.
+    "pix_grey": {"decoder": "pixelcnn", "binarize": True, "binarize_encoder": False},
 }
 
 

@@ -305,8 +305,8 @@ def set_likelihoods(model, images: torch.Tensor, character, k: int, sets: int, s
     binary = metrics.binarize(images[torch.as_tensor(rows)], seed=streams["set_binarize"])
     local = np.searchsorted(rows, chosen)  # (n, SET_SIZE) rows of `binary`
     set_seed, pair_seed = metrics.child_seeds(streams["set_iwae"], 2)
-    results = named(metrics.set_nll, metrics.set_nll(model, binary, local, k=k, seed=set_seed, progress=progress,
-                                                                  blur=blur))
+    sets = metrics.set_nll(model, binary, local, k=k, seed=set_seed, progress=progress, blur=blur)
+    results = named(metrics.set_nll, sets)
     pairs = metrics.conditional_nll(model, binary, local[:, :2], k=k, seed=pair_seed, progress=progress, blur=blur)
     results.update(named(metrics.conditional_nll, pairs))
     return results
