@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import data as omni_data
 from . import generate, metrics, plots, rundir
-from .config import Config, ConfigError
+from .config import Config, ConfigError, override
 from .losses import sampled_kl
 from .model import resolve_device
 from .registry import named
@@ -312,16 +311,13 @@ def set_likelihoods(model, images: torch.Tensor, character, k: int, sets: int, s
     return results
 
 
-def proposal_blur(cfg: Config, nll_blur: float | None = None) -> float:
-    """Pixels of blur at the run's image size for the likelihoods' importance proposal: `nll_blur`
-    (None: cfg.nll_blur) given at 28 px and scaled with cfg.image_size; 0 for an encoder that
-    trained on binary drawings (binarize with binarize_encoder), which reads them as they are."""
-    blur = cfg.nll_blur if nll_blur is None else nll_blur
-    if not math.isfinite(blur) or blur < 0:
-        raise ConfigError(f"nll_blur must be a finite number >= 0, got {blur}")
+def proposal_blur(cfg: Config) -> float:
+    """Pixels of blur at the run's image size for the likelihoods' importance proposal: cfg.nll_blur,
+    given at 28 px, scaled with cfg.image_size; 0 for an encoder that trained on binary drawings
+    (binarize with binarize_encoder), which reads them as they are."""
     if cfg.binarize and cfg.binarize_encoder:
         return 0.0
-    return blur * cfg.image_size / 28
+    return cfg.nll_blur * cfg.image_size / 28
 
 
 def evaluate(
@@ -354,7 +350,7 @@ def evaluate(
     The set and one-shot likelihoods take their budget from the config (set_nll_k, set_nll_sets)
     and run with the likelihood (nll_k = 0 skips them too). nll_blur: pixels (at 28 px) of the
     blur the likelihoods' importance proposal reads the binary drawings with (`proposal_blur`);
-    None takes the run's config value.
+    None takes the run's config value (ConfigError for a negative or infinite one).
     """
     started = time.time()
     run_dir = Path(run_dir)
@@ -366,7 +362,9 @@ def evaluate(
     nll_images = cfg.nll_images if nll_images is None else nll_images
     episodes = cfg.episodes if episodes is None else episodes
     swap_pairs = cfg.swap_pairs if swap_pairs is None else swap_pairs
-    blur = proposal_blur(cfg, nll_blur)
+    if nll_blur is not None:
+        cfg = override(cfg, {"nll_blur": nll_blur})  # checked as the config's own value
+    blur = proposal_blur(cfg)
     test = load_split(cfg, split, data_dir, cache_dir, progress)
     model = load(run_dir, str(resolve_device(device)))
     seed = cfg.eval_seed

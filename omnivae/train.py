@@ -480,13 +480,13 @@ def train_epoch(parts: Parts, cfg: Config, images: torch.Tensor, label: torch.Te
                 amounts = augment.paired(amounts, cfg.group_size)
             x = augment.distort(x, amounts, cfg.augment)
         target = None
-        if cfg.binarize:
+        if cfg.binarize or cfg.encoder_binary > 0:
             binary = augment.binarize(x, parts.process.rand(len(x), x[0].numel(), x.device))
-            x, target = (binary, None) if cfg.binarize_encoder else (x, binary)
-        elif cfg.encoder_binary > 0:  # a share of the drawings reaches the encoder binarised; the decoder models the grey one
-            binary = augment.binarize(x, parts.process.rand(len(x), x[0].numel(), x.device))
-            chosen = parts.process.rand(len(x), 1, x.device).view(-1, 1, 1, 1) < cfg.encoder_binary  # (B, 1, 1, 1)
-            x, target = torch.where(chosen, binary, x), x
+            if cfg.binarize:
+                x, target = (binary, None) if cfg.binarize_encoder else (x, binary)
+            else:  # a share of the drawings reaches the encoder binarised; the decoder models the grey one
+                chosen = parts.process.rand(len(x), 1, x.device).view(-1, 1, 1, 1) < cfg.encoder_binary  # (B, 1, 1, 1)
+                x, target = torch.where(chosen, binary, x), x
         terms = update(parts, cfg, x, y, ramp, target)
         schedule.step()
         totals.add(i, terms)

@@ -111,8 +111,19 @@ def test_proposal_blur_scales_with_the_image_and_is_off_for_binary_encoders():
 
     assert proposal_blur(make_config("default")) == 0.7
     assert proposal_blur(make_config("default", dict(image_size=64))) == pytest.approx(1.6)
-    assert proposal_blur(make_config("default"), 0.0) == 0.0
+    assert proposal_blur(make_config("default", dict(nll_blur=0.0))) == 0.0
     assert proposal_blur(make_config("default", dict(binarize=True))) == 0.0  # its encoder reads binary drawings
     assert proposal_blur(make_config("default", dict(binarize=True, binarize_encoder=False))) == 0.7
-    with pytest.raises(ConfigError, match="nll_blur"):
-        proposal_blur(make_config("default"), -1.0)
+    with pytest.raises(ConfigError, match="nll_blur must be >= 0"):
+        make_config("default", dict(nll_blur=-1.0))
+
+
+def test_evaluate_checks_the_blur_it_is_given(tmp_path):
+    from omnivae import rundir
+    from omnivae.config import ConfigError, make_config
+    from omnivae.evaluate import evaluate
+
+    rundir.write_config(tmp_path, make_config("quick"))
+    for bad in (-0.5, float("inf")):
+        with pytest.raises(ConfigError, match="nll_blur must be"):
+            evaluate(tmp_path, nll_blur=bad, progress=False)
