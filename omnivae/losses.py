@@ -131,17 +131,13 @@ def mmd(x: torch.Tensor, y: torch.Tensor, kernel: str = "imq", scales=DEFAULT_SC
     with the diagonal (i = j) terms left out of the first two expectations
     (Gretton et al. 2012, Lemma 6). Can be slightly negative when the two
     distributions are equal. x: (n, d), y: (m, d), n, m >= 2.
-    block: None builds each kernel matrix whole (training batches, with gradients); an integer
-    sums them `block` rows at a time in float64, so memory stays at block x max(n, m) values
-    (for thousands of codes without gradients: about 2.7x faster on a CPU at 5,000 codes).
+    The kernel matrices are summed `block` rows at a time (None: whole, as for training batches),
+    in float64, so memory stays at block x max(n, m) values (for thousands of codes: about 2.7x
+    faster on a CPU at 5,000 codes than whole matrices).
     """
     k = KERNELS[kernel]
     n, m = x.shape[0], y.shape[0]
-    if block is None:
-        kxx, kyy, kxy = k(x, x, scales), k(y, y, scales), k(x, y, scales)
-        sum_xx = kxx.sum() - kxx.diagonal().sum()
-        sum_yy = kyy.sum() - kyy.diagonal().sum()
-        return sum_xx / (n * (n - 1)) + sum_yy / (m * (m - 1)) - 2.0 * kxy.mean()
+    block = block or max(n, m)
 
     def total(a, b):  # sum over all pairs of k(a_i, b_j)
         return sum(k(a[i : i + block], b, scales).sum(dtype=torch.float64) for i in range(0, len(a), block))
