@@ -1,55 +1,83 @@
 #!/usr/bin/env bash
-# The GPU check, in one go, on a machine with one or more NVIDIA GPUs:
+# The GPU check, in one go, on a machine with one or more NVIDIA GPUs. Stages, most wanted first:
 #
-#   1. the default preset end to end (train, evaluate with the likelihood, report), timed per stage;
-#   2. the training loop against a hand-written loop (bench/speed.py) with precision=bf16 and
-#      compile=true off and on, and the host waits per step (CUDA sync debug mode);
-#   3. the metrics of bf16 and compile against fp32, two seeds each (bench/ablation.py, validation split);
+#   1. the default preset end to end (decode the data, then train, evaluate with the likelihood,
+#      report), timed per stage;
+#   2. the training loop against a hand-written loop (bench/speed.py), bf16 and fp32, eager and
+#      compiled (torch.compile's default mode, and reduce-overhead: CUDA graphs), and the host
+#      waits per step (CUDA sync debug mode);
+#   3. the DDP path with every visible GPU (torchrun): a short run, resumed once;
 #   4. the `large` preset's training;
-#   5. the DDP path with every visible GPU (torchrun), resumed once, against stage 1's run.
+#   5. stage 1's training again through DDP (its log against stage 1's);
+#   6. the metrics of bf16 and compile against fp32, two seeds each (bench/ablation.py, validation
+#      split; hours, so only without --budget).
 #
-# Writes bench/results/gpu_<date>.txt: every stage's command, exit status, seconds and output tail.
-# A stage that fails or runs past its time limit is recorded and the next one starts.
+# Writes bench/results/gpu_<date>.txt: every stage's command, exit status, seconds and output tail
+# (the logs, progress bars included, stay in WORK). A stage that fails or runs past its time limit
+# is recorded and the next one starts.
 #
-#   OMNIVAE_DATA_DIR=/path/to/omniglot bash bench/gpu.sh [--dry-run] [--quick]
+#   OMNIVAE_DATA_DIR=/path/to/omniglot bash bench/gpu.sh [--dry-run] [--quick] [--budget SECONDS]
 #
 # The Omniglot zips must already be in OMNIVAE_DATA_DIR (the check never downloads).
 # --quick: fewer epochs everywhere (2; the `large` preset 3), to check that every stage runs.
+# --budget SECONDS: stop starting stages after that many seconds; each stage's limit is cut to what
+#   is left (for a lent machine with a fixed time; stage 6 is skipped).
 # --dry-run: no GPU, no data: writes the results file with the commands each stage would run,
 #   after running the checks that need neither (the scripts' --help, the package's import).
 # Environment: PYTHON (default python), WORK (run folders; default a new folder under /tmp),
-# EPOCHS (the ablation's and DDP run's epochs; default the preset's 20), SEEDS (default "0 1").
+# EPOCHS (the default preset's epochs; default the preset's own), LARGE_EPOCHS (default the
+# preset's own, 3 with --quick or --budget: its time per epoch is the number), SEEDS (stage 6's;
+# default "0 1"), PRIMED_CACHE (a folder whose files go into the cache after decoding, for example
+# a swap judge trained before: stage 1 then times evaluation "after the data are cached").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 DRY=0
 QUICK=0
-for arg in "$@"; do
-  case "$arg" in
+BUDGET=0
+while [ $# -gt 0 ]; do
+  case "$1" in
     --dry-run) DRY=1 ;;
     --quick) QUICK=1 ;;
-    *) echo "usage: bench/gpu.sh [--dry-run] [--quick]" >&2; exit 2 ;;
+    --budget) BUDGET=${2:?--budget needs seconds}; shift ;;
+    *) echo "usage: bench/gpu.sh [--dry-run] [--quick] [--budget SECONDS]" >&2; exit 2 ;;
   esac
+  shift
 done
+case "$BUDGET" in ''|*[!0-9]*) echo "--budget needs whole seconds, got $BUDGET" >&2; exit 2 ;; esac
 
 PY=${PYTHON:-python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
 WORK=${WORK:-$(mktemp -d /tmp/omnivae_gpu.XXXXXX)}
 SEEDS=${SEEDS:-"0 1"}
+START=$(date +%s)
+EPOCH_SET=()
 if [ "$QUICK" = 1 ]; then
-  EPOCHS=${EPOCHS:-2}; LARGE_EPOCHS=3; STEPS=30
+  EPOCHS=${EPOCHS:-2}; LARGE_EPOCHS=${LARGE_EPOCHS:-3}; STEPS=30
 else
-  EPOCHS=${EPOCHS:-20}; LARGE_EPOCHS=60; STEPS=100
+  STEPS=200
+  if [ "$BUDGET" != 0 ]; then LARGE_EPOCHS=${LARGE_EPOCHS:-3}; STEPS=100; fi
 fi
+[ -n "${EPOCHS:-}" ] && EPOCH_SET=(--set epochs="$EPOCHS")
+LARGE_SET=()
+[ -n "${LARGE_EPOCHS:-}" ] && LARGE_SET=(--set epochs="$LARGE_EPOCHS")
 mkdir -p bench/results "$WORK"
 RESULTS=bench/results/gpu_$(date +%Y%m%d_%H%M%S)$([ "$DRY" = 1 ] && echo _dry).txt
 
 say() { echo "$*" | tee -a "$RESULTS"; }
 
 # stage NAME LIMIT_SECONDS COMMAND...: run it (or, dry, record it), time it, keep its output's tail.
+# With --budget, the limit is cut to the seconds left, and a stage with under 20 left is skipped.
 stage() {
   local name=$1 limit=$2
   shift 2
+  if [ "$BUDGET" != 0 ]; then
+    local left=$(( BUDGET - ($(date +%s) - START) ))
+    if [ "$left" -lt 20 ]; then
+      say ""; say "## $name: skipped (budget of ${BUDGET}s spent)"; return 0
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
   say ""
   say "## $name (limit ${limit}s)"
   say "\$ $(printf '%q ' "$@")"
@@ -59,10 +87,13 @@ stage() {
   fi
   local log="$WORK/$name.log" start rc ms
   start=$(date +%s%N)
-  timeout --kill-after=30 "$limit" "$@" >"$log" 2>&1
+  timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1
   rc=$?
   ms=$(( ($(date +%s%N) - start) / 1000000 ))
-  tail -n 40 "$log" | tee -a "$RESULTS"
+  tr '\r' '\n' <"$log" | grep -v '^\s*$' | tail -n 30 | tee -a "$RESULTS"
+  if [ "$rc" != 0 ]; then  # the cause, often above the tail (torchrun prints its own traceback last)
+    grep -m 3 -E '^(\[rank[0-9]+\]: )?[A-Za-z.]*(Error|Exception)|error:' "$log" | sed 's/^/first error: /' | tee -a "$RESULTS"
+  fi
   say "-> $name: exit $rc$([ $rc = 124 ] && echo ' (time limit)'), $((ms / 1000)).$(printf %03d $((ms % 1000))) s"
   return $rc
 }
@@ -75,7 +106,7 @@ show() {
 }
 
 say "# omnivae GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ)$([ "$DRY" = 1 ] && echo ', dry run')"
-say "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with changes)'), epochs $EPOCHS, seeds $SEEDS, work $WORK"
+say "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with changes)'), default epochs ${EPOCHS:-preset}, large epochs ${LARGE_EPOCHS:-preset}, budget ${BUDGET}s, work $WORK"
 
 # Checks that need neither a GPU nor data: the package imports, the scripts parse their options.
 $PY -c "import omnivae, omnivae.distributed, omnivae.train" || { say "omnivae does not import"; exit 1; }
@@ -87,7 +118,7 @@ if [ "$DRY" = 1 ]; then
 else
   GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
   say "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1)"
-  say "$($PY -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'GPUs', torch.cuda.device_count())")"
+  say "$($PY -c "import os, torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'GPUs', torch.cuda.device_count(), 'CPU cores', os.cpu_count())")"
   if [ "$GPUS" -lt 1 ]; then say "no CUDA device: nothing to measure"; exit 1; fi
   if ! ls "${OMNIVAE_DATA_DIR:-/nonexistent}"/images_background* >/dev/null 2>&1 \
      || ! ls "${OMNIVAE_DATA_DIR}"/images_evaluation* >/dev/null 2>&1; then
@@ -97,38 +128,53 @@ fi
 export OMNIVAE_CACHE_DIR=${OMNIVAE_CACHE_DIR:-$WORK/cache}
 
 # 1. The default preset end to end, one GPU. (`fetch` finds the zips and decodes them into the cache.)
-stage data 600 $PY -m omnivae --quiet fetch
-stage train_default 1800 $PY -m omnivae --quiet train --preset default --out "$WORK/default" --set epochs="$EPOCHS"
-stage evaluate_default 1800 $PY -m omnivae --quiet evaluate "$WORK/default"
-stage report_default 600 $PY -m omnivae --quiet report "$WORK/default"
+stage data 300 $PY -m omnivae --quiet fetch
+if [ -n "${PRIMED_CACHE:-}" ] && [ "$DRY" = 0 ]; then
+  cp "$PRIMED_CACHE"/* "$OMNIVAE_CACHE_DIR"/ && say "cache primed with: $(ls "$PRIMED_CACHE" | tr '\n' ' ')"
+fi
+stage train_default 600 $PY -m omnivae --quiet train --preset default --out "$WORK/default" "${EPOCH_SET[@]}"
+stage evaluate_default 600 $PY -m omnivae evaluate "$WORK/default"  # progress bars: each part's time is in the log
+stage report_default 300 $PY -m omnivae --quiet report "$WORK/default"
 show "$WORK/default/run.json" "$WORK/default/metrics.json"
 
-# 2. Throughput of the loop and host waits, bf16 and compile off and on.
-for settings in "precision=fp32 compile=false" "precision=bf16 compile=false" "precision=fp32 compile=true" \
-                "precision=bf16 compile=true"; do
-  sets=()
-  for s in $settings; do sets+=(--set "$s"); done
-  stage "speed_${settings// /_}" 900 $PY bench/speed.py --skip-data --device cuda --steps "$STEPS" "${sets[@]}"
-done
+# 2. Throughput of the loop and host waits: bf16 (the default's) and fp32, eager and compiled (its
+#    first steps compile; speed.py warms up before timing).
+speed() {  # speed LIMIT_SECONDS KEY=VALUE...
+  local limit=$1
+  shift
+  local sets=() name="$*"
+  for s in "$@"; do sets+=(--set "$s"); done
+  stage "speed_${name// /_}" "$limit" $PY bench/speed.py --skip-data --skip-sampling --device cuda --steps "$STEPS" "${sets[@]}"
+}
+speed 120 precision=bf16 compile=false
+speed 120 precision=fp32 compile=false
+speed 180 precision=bf16 compile=true
+speed 180 precision=bf16 compile=true compile_mode=reduce-overhead
 
-# 3. Do bf16 and compile change the metrics beyond seed noise? (Scored on the validation alphabets.)
-stage ablation_precision 5400 $PY bench/ablation.py --out "$WORK/precision" --epochs "$EPOCHS" --seeds $SEEDS \
-  --jobs 1 --quick-eval --variant fp32: --variant bf16:precision=bf16 --variant compile:compile=true \
-  --variant bf16_compile:precision=bf16,compile=true
+# 3. DDP with every visible GPU (one GPU still goes through DDP, with one process): a short run,
+#    resumed for one more epoch.
+TORCHRUN=($PY -m torch.distributed.run --standalone --nproc_per_node "$GPUS" -m omnivae --quiet)
+stage ddp_short 300 "${TORCHRUN[@]}" train --preset default --out "$WORK/ddp_resumed" --set epochs=1
+stage ddp_resume 300 "${TORCHRUN[@]}" train --resume "$WORK/ddp_resumed" --set epochs=2
+show "$WORK/ddp_resumed/log.jsonl" "$WORK/ddp_resumed/run.json"
 
 # 4. The large preset's training.
-stage train_large 3600 $PY -m omnivae --quiet train --preset large --out "$WORK/large" --set epochs="$LARGE_EPOCHS"
+stage train_large 1800 $PY -m omnivae --quiet train --preset large --out "$WORK/large" "${LARGE_SET[@]}"
 show "$WORK/large/run.json"
 
-# 5. DDP with every visible GPU: stage 1's run again (its log and metrics are the reference; one GPU
-#    still goes through DDP, with one process), then a short run resumed for one more epoch.
-TORCHRUN=($PY -m torch.distributed.run --standalone --nproc_per_node "$GPUS" -m omnivae --quiet)
-stage train_ddp 1800 "${TORCHRUN[@]}" train --preset default --out "$WORK/ddp" --set epochs="$EPOCHS"
-stage evaluate_ddp 1800 $PY -m omnivae --quiet evaluate "$WORK/ddp" --nll-k 0 --no-figures
-show "$WORK/ddp/run.json" "$WORK/ddp/log.jsonl" "$WORK/default/log.jsonl" "$WORK/ddp/metrics.json"
-stage ddp_short 900 "${TORCHRUN[@]}" train --preset default --out "$WORK/ddp_resumed" --set epochs=1
-stage ddp_resume 900 "${TORCHRUN[@]}" train --resume "$WORK/ddp_resumed" --set epochs=2
-show "$WORK/ddp_resumed/log.jsonl"
+# 5. Stage 1's training again through DDP: its log is to match stage 1's.
+stage train_ddp 600 "${TORCHRUN[@]}" train --preset default --out "$WORK/ddp" "${EPOCH_SET[@]}"
+show "$WORK/ddp/run.json" "$WORK/ddp/log.jsonl" "$WORK/default/log.jsonl"
+
+speed 180 precision=fp32 compile=true
+speed 180 precision=fp32 compile=true compile_mode=reduce-overhead
+
+# 6. Do bf16 and compile change the metrics beyond seed noise? (Scored on the validation alphabets.)
+if [ "$BUDGET" = 0 ]; then
+  stage ablation_precision 5400 $PY bench/ablation.py --out "$WORK/precision" --seeds $SEEDS --jobs 1 --quick-eval \
+    --epochs "${EPOCHS:-28}" --variant fp32:precision=fp32 --variant bf16:precision=bf16 \
+    --variant compile:precision=fp32,compile=true --variant bf16_compile:precision=bf16,compile=true
+fi
 
 say ""
-say "results: $RESULTS"
+say "results: $RESULTS ($(( $(date +%s) - START )) s)"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import platform
 import tempfile
 import time
@@ -32,7 +33,7 @@ from omnivae import data
 from omnivae.config import make_config
 from omnivae.distributed import Process
 from omnivae.model import ModelConfig, StructuredVAE
-from omnivae.train import build_parts, cpu_name, epoch_plan, lr_schedule, train_epoch, wrap
+from omnivae.train import auto_precision, build_parts, cpu_name, epoch_plan, lr_schedule, train_epoch, wrap
 
 
 def time_data() -> None:
@@ -96,6 +97,7 @@ def minimal_loop(model, optimizer, images, label, plan, cfg) -> None:
 
 def time_training(steps: int, device: torch.device, overrides: list[str], rounds: int = 3) -> None:
     cfg = make_config("default", ["device=" + str(device), *overrides])
+    cfg = dataclasses.replace(cfg, precision=auto_precision(device)) if cfg.precision == "auto" else cfg
     background = data.load_set("background", 28, progress=False)
     images = background.tensors().to(device)  # (N, 1, S, S)
     classes, label = np.unique(background.character, return_inverse=True)
@@ -106,7 +108,7 @@ def time_training(steps: int, device: torch.device, overrides: list[str], rounds
     wrap(ours, cfg, process)
     schedule = lr_schedule(cfg, ours.optimizer, 10**6)
     theirs = build_parts(cfg, 4 * len(classes), device)
-    hand_model = torch.compile(theirs.model) if cfg.compile else theirs.model
+    hand_model = torch.compile(theirs.model, mode=cfg.compile_mode) if cfg.compile else theirs.model
     rates = {"omnivae train loop": [], "hand-written loop": []}
 
     def run(fn, name):
@@ -120,7 +122,8 @@ def time_training(steps: int, device: torch.device, overrides: list[str], rounds
     for _ in range(rounds):
         run(lambda rows: train_epoch(ours, cfg, images, label, rows, 0, schedule, progress=False), "omnivae train loop")
         run(lambda rows: minimal_loop(hand_model, theirs.optimizer, images, label, rows, cfg), "hand-written loop")
-    settings = f"batch {plan.shape[1]}, {device}, precision={cfg.precision}, compile={cfg.compile}"
+    settings = f"batch {plan.shape[1]}, {device}, precision={cfg.precision}, compile={cfg.compile}" + (
+        f" ({cfg.compile_mode})" if cfg.compile else "")
     for name, values in rates.items():
         print(f"train  {name:20s}: {np.median(values):7.1f} images/s (median of {rounds} rounds of {steps} steps, {settings})")
     ratio = np.median(rates["omnivae train loop"]) / np.median(rates["hand-written loop"])

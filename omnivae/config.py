@@ -91,8 +91,9 @@ class Config:
     seed: int = 0  # seeds Python, NumPy and torch
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: each process's own GPU)
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
-    precision: str = "fp32"  # fp32 | bf16 (autocast of the training step; evaluation stays fp32). Not yet measured on a GPU
-    compile: bool = False  # torch.compile the VAE for training. Not yet measured on a GPU
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the training step; evaluation stays fp32) | auto (bf16 on a CPU with native bf16, fp32 elsewhere: on a GPU this small network is bound by launches and autocast adds casts); the run's config records the one used
+    compile: bool = False  # torch.compile the VAE for training (measured on one GPU: bench/results/gpu_h200.txt)
+    compile_mode: str = "default"  # with compile: torch.compile's mode (default | reduce-overhead: CUDA graphs of the step's kernels | max-autotune)
     # --- evaluation
     eval_seed: int = 0  # seed of every random choice in evaluation
     tsne_characters: int = 20  # characters in the labelled t-SNE plot
@@ -141,7 +142,8 @@ class Config:
             "match_codes": ("mean", "sample"),
             "grouping": ("product", "average"),
             "encoder": ("conv", "conv4"),
-            "precision": ("fp32", "bf16"),
+            "precision": ("fp32", "bf16", "auto"),
+            "compile_mode": ("default", "reduce-overhead", "max-autotune"),
             "image_size": IMAGE_SIZES,
             "data": ("omniglot", "folder"),
             "decoder": DECODERS,
@@ -253,11 +255,11 @@ PRESETS: dict[str, dict] = {
     # detail that makes decodings recognisable), a strong supervised contrastive term on content
     # means, a KL bottleneck (weight 3) on style so it cannot carry the character, turned and
     # mirrored characters as extra training characters, and decoupled weight decay. bf16 autocast
-    # of the training step buys 28 epochs in the time float32 takes for 20 on a CPU with bf16
-    # (devices without it train in float32, with a note).
+    # of the training step buys 28 epochs in the time float32 takes for 20 on a CPU with bf16;
+    # on a GPU float32 is the faster (precision=auto picks each where it wins).
     "default": dict(group_size=2, groups=64, content_regularizer="kl", content_weight=0.5, contrastive_weight=100.0,
                     style_regularizer="kl", style_weight=3.0, rotations=True, reflections=True, weight_decay=0.5,
-                    precision="bf16", epochs=28),
+                    precision="auto", epochs=28),
     # More compute: wider network, a per-sample KL that keeps wide runs stable. For a GPU. Still
     # the MMD on content of the previous default: not yet measured with the content KL.
     "large": dict(group_size=4, groups=32, contrastive_weight=100.0, style_regularizer="kl", style_weight=3.0,

@@ -201,6 +201,7 @@ def code_metrics(codes: dict, test: omni_data.Omniglot, seed: int, episodes: int
                                        seed=streams["posterior_samples"])  # (N, Dc + Ds)
     sampled = {"content": sampled[:, :content_dim], "style": sampled[:, content_dim:]}
     samplers = {"content": None, "style": None}
+    device = None if model is None else model.device  # the prior match's kernels run there
     if model is not None and model.config.prior_components:
         # A learned mixture prior has no closed-form KL: the content KL is the mean of log q(z | x) -
         # log p(z) at the sampled codes (one per image, unbiased), and prior samples come from it.
@@ -214,9 +215,9 @@ def code_metrics(codes: dict, test: omni_data.Omniglot, seed: int, episodes: int
         results.update(named(metrics.kmeans_scores, scores, codes=part))
         for ways in (20, 5) if part == "content" else (20,):
             results.update(_few_shot(part, means, test, ways, episodes, streams["episodes"]))
-        match = metrics.prior_match(sampled[part], seed=prior_seeds[part], sampler=samplers[part])
+        match = metrics.prior_match(sampled[part], seed=prior_seeds[part], sampler=samplers[part], device=device)
         results.update(named(metrics.prior_match, match, part=part, codes="sampled"))
-        match = metrics.prior_match(means, seed=prior_seeds[part], sampler=samplers[part])
+        match = metrics.prior_match(means, seed=prior_seeds[part], sampler=samplers[part], device=device)
         results.update(named(metrics.prior_match, match, part=part, codes="means"))
 
     if test.has_drawers():  # image folders record no drawers

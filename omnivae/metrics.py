@@ -539,7 +539,7 @@ def sample_posterior(mean, logvar, seed=0) -> np.ndarray:
     return mean + np.exp(0.5 * logvar) * eps
 
 
-def prior_match(codes, seed=0, kernel: str = "imq", max_points: int = 5000, sampler=None) -> dict:
+def prior_match(codes, seed=0, kernel: str = "imq", max_points: int = 5000, sampler=None, device=None) -> dict:
     """How far the aggregate posterior (the cloud of codes) is from the prior N(0, I), or from the
     prior that `sampler(n, generator) -> (n, d)` draws from (a learned mixture: `model.sample_content`).
 
@@ -559,7 +559,9 @@ def prior_match(codes, seed=0, kernel: str = "imq", max_points: int = 5000, samp
     size is drawn without replacement; the subset and the prior samples (numpy default_rng and a
     torch.Generator) are seeded by two children of `seed` (`child_seeds`). The MMD's kernels run
     in float32 (their round-off, ~1e-6, is far below the floor), a block of 512 rows at a time,
-    summed in float64; the fitted Gaussian in float64. codes: (N, d), N >= 2.
+    summed in float64; the fitted Gaussian in float64. codes: (N, d), N >= 2. device: where the
+    kernels run (the draws are made on the CPU either way, so the estimate does not depend on it
+    beyond round-off); None: the CPU.
     """
     codes = _as_numpy(codes).astype(np.float64)  # (N, d)
     n, d = codes.shape
@@ -574,8 +576,9 @@ def prior_match(codes, seed=0, kernel: str = "imq", max_points: int = 5000, samp
         lambda count: sampler(count, generator).float())
     prior = draw(m)  # (m, d)
     prior_again = draw(m)  # (m, d)
+    subset, prior, prior_again = (t.to(device) for t in (torch.from_numpy(subset).float(), prior, prior_again))
     with torch.no_grad():
-        mmd2 = mmd(torch.from_numpy(subset).float(), prior, kernel, block=512).item()
+        mmd2 = mmd(subset, prior, kernel, block=512).item()
         floor = mmd(prior_again, prior, kernel, block=512).item()
     return {"mmd2": mmd2, "mmd2_floor": floor, "gaussian_kl": _fitted_gaussian_kl(codes), "points": m}
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import os
 import platform
@@ -93,6 +94,9 @@ def build_parts(cfg: Config, classes: int, device: torch.device) -> Parts:
     """Modules and optimisers for a config; `classes` is the number of training characters."""
     model = StructuredVAE(ModelConfig.from_config(cfg)).to(device)
     parts = Parts(model)
+    # On a GPU the optimiser updates every parameter in one fused kernel (the same update, fewer
+    # launches: a small network's step is bound by launches there); elsewhere torch's default.
+    fused = True if device.type == "cuda" else None
     params = list(model.parameters())
     if cfg.style_adversary_weight > 0:
         parts.style_adversary = StyleAdversary(cfg.style_dim, classes, cfg.hidden).to(device)
@@ -106,9 +110,10 @@ def build_parts(cfg: Config, classes: int, device: torch.device) -> Parts:
         kept |= set() if cfg.decay_decoder else {id(p) for p in model.decoder_parameters()}
         groups = [{"params": [p for p in params if id(p) not in kept]},  # in a fixed order: checkpoints index by it
                   {"params": [p for p in params if id(p) in kept], "weight_decay": 0.0}]
-        parts.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        parts.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                            fused=fused)
     else:
-        parts.optimizer = torch.optim.Adam(params, lr=cfg.lr)
+        parts.optimizer = torch.optim.Adam(params, lr=cfg.lr, fused=fused)
     for part in PARTS:
         if getattr(cfg, f"{part}_regularizer") == "adversarial":
             dim = cfg.content_dim if part == "content" else cfg.style_dim
@@ -132,9 +137,9 @@ def wrap(parts: Parts, cfg: Config, process: distributed.Process) -> None:
         if module is not None and process.launched:
             ids = [process.device.index] if process.device.type == "cuda" else None
             # Buffers need no broadcast before each forward: global batch norm keeps the same running statistics everywhere.
-            module = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
+            module = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids, **no_buffer_sync())
         if module is not None and name == "model" and cfg.compile:
-            module = torch.compile(module)
+            module = torch.compile(module, mode=cfg.compile_mode)
         if module is not getattr(parts, name):
             parts.wrapped[name] = module
 
@@ -193,8 +198,18 @@ def bf16_supported(device: torch.device) -> bool:
         return False
 
 
+def auto_precision(device: torch.device) -> str:
+    """What precision=auto trains in: bf16 on a CPU with native bf16 (1.7x the float32 step on 2
+    cores), float32 elsewhere (on a GPU this small network's step is bound by kernel launches, and
+    autocast's casts made it 0.8x float32's speed on an H200: bench/results/gpu_h200.txt)."""
+    return "bf16" if device.type == "cpu" and bf16_supported(device) else "fp32"
+
+
 def _precision(precision: str, device: torch.device):
-    """bf16 autocast for precision "bf16" (no gradient scaling needed: bf16 has float32's range)."""
+    """bf16 autocast for precision "bf16" (no gradient scaling needed: bf16 has float32's range);
+    "auto" as `auto_precision` resolves it on that device."""
+    if precision == "auto":
+        precision = auto_precision(device)
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -453,6 +468,15 @@ class EpochTotals:
         return dict(zip(self.names, (self.process.mean(self.sums) / self.steps).tolist()))
 
 
+def no_buffer_sync() -> dict:
+    """DistributedDataParallel's option that skips the buffers' broadcast before each forward:
+    `forward_sync_buffers=False` where torch has it (2.13), else its older name `broadcast_buffers`
+    (deprecated in 2.13; CUDA images often carry an older torch)."""
+    if "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
 def _kept(epoch: int) -> str:
     """What a run folder keeps when epoch `epoch` (counted from 1) fails."""
     if epoch == 1:
@@ -542,6 +566,8 @@ def _train(cfg: Config, run_dir: Path, data_dir, cache_dir, resume: bool, progre
             raise ConfigError(f"epochs={epochs} is fewer than the {start} epochs {run_dir} has finished")
         cfg = dataclasses.replace(cfg, epochs=epochs)
         cfg.validate()
+    if cfg.precision == "auto":  # the config records the precision the run trains in
+        cfg = dataclasses.replace(cfg, precision=auto_precision(process.device))
     if cfg.precision == "bf16" and not bf16_supported(process.device):
         if process.master:
             print(f"omnivae: {cpu_name() if process.device.type == 'cpu' else process.device} has no bfloat16 "

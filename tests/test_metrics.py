@@ -374,8 +374,12 @@ def test_prior_match_known_answers():
     assert collapsed["mmd2"] > 100 * floor
     assert collapsed["gaussian_kl"] == math.inf
 
-    # Deterministic for a seed.
+    # Deterministic for a seed, and the draws do not depend on where the kernels run.
     assert metrics.prior_match(codes, seed=1, max_points=1000) == matched
+    assert metrics.prior_match(codes, seed=1, max_points=1000, device="cpu") == matched
+    if torch.cuda.is_available():
+        on_gpu = metrics.prior_match(codes, seed=1, max_points=1000, device="cuda")
+        assert on_gpu["mmd2"] == pytest.approx(matched["mmd2"], abs=1e-6)
 
 
 def test_sample_posterior_draws_from_each_posterior():

@@ -122,6 +122,22 @@ def test_bf16_without_support_trains_in_fp32_and_says_so(tmp_path, synthetic, mo
     assert "bfloat16" not in capsys.readouterr().err
 
 
+def test_auto_precision_is_bf16_on_a_cpu_that_has_it_and_fp32_elsewhere(tmp_path, synthetic, monkeypatch, capsys):
+    import omnivae.train as train_module
+    from omnivae.train import auto_precision
+
+    monkeypatch.setattr(train_module, "bf16_supported", lambda device: True)
+    assert auto_precision(torch.device("cpu")) == "bf16"
+    assert auto_precision(torch.device("cuda")) == "fp32"  # a GPU: float32 is faster for this network
+    run = train(tiny_config(precision="auto"), tmp_path / "run", dataset=synthetic, progress=False)
+    assert json.loads((run / "config.json").read_text())["precision"] == "bf16"  # the one it trained in
+    monkeypatch.setattr(train_module, "bf16_supported", lambda device: False)
+    assert auto_precision(torch.device("cpu")) == "fp32"
+    run = train(tiny_config(precision="auto"), tmp_path / "run2", dataset=synthetic, progress=False)
+    assert json.loads((run / "config.json").read_text())["precision"] == "fp32"
+    assert "bfloat16" not in capsys.readouterr().err  # auto chose fp32: nothing to warn about
+
+
 def test_validation_in_bf16_is_float32_to_bf16_precision(synthetic):
     """validate runs the networks in the training precision and sums in float32: the bf16
     numbers are float32's within bf16's round-off, and they are float32 values."""
@@ -506,10 +522,12 @@ def test_compiled_training_matches_plain_training(tmp_path, synthetic, monkeypat
 
     compiled = []
     real = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda module: compiled.append(module) or real(module, backend="eager"))
+    monkeypatch.setattr(torch, "compile", lambda module, mode: compiled.append((module, mode)) or real(module, backend="eager"))
     plain = train(tiny_config(rotations=True), tmp_path / "plain", dataset=synthetic, progress=False)
-    fast = train(tiny_config(rotations=True, compile=True), tmp_path / "fast", dataset=synthetic, progress=False)
-    assert len(compiled) == 1 and isinstance(compiled[0], omnivae.StructuredVAE)
+    fast = train(tiny_config(rotations=True, compile=True, compile_mode="reduce-overhead"), tmp_path / "fast",
+                 dataset=synthetic, progress=False)
+    assert len(compiled) == 1 and isinstance(compiled[0][0], omnivae.StructuredVAE)
+    assert compiled[0][1] == "reduce-overhead"  # the config's mode reaches torch.compile
     a, b = omnivae.load(plain).state_dict(), omnivae.load(fast).state_dict()
     assert a.keys() == b.keys()
     for key in a:
