@@ -94,7 +94,7 @@ def build_parts(cfg: Config, classes: int, device: torch.device) -> Parts:
     """Modules and optimisers for a config; `classes` is the number of training characters."""
     model = StructuredVAE(ModelConfig.from_config(cfg)).to(device)
     parts = Parts(model)
-    # On a GPU the optimiser updates every parameter in one fused kernel (the same update, fewer
+    # On a GPU the optimiser updates every parameter in one fused kernel (the same update rule, fewer
     # launches: a small network's step is bound by launches there); elsewhere torch's default.
     fused = True if device.type == "cuda" else None
     params = list(model.parameters())
