@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import platform
 import tempfile
 import time
@@ -33,7 +32,7 @@ from omnivae import data
 from omnivae.config import make_config
 from omnivae.distributed import Process
 from omnivae.model import ModelConfig, StructuredVAE
-from omnivae.train import auto_precision, build_parts, cpu_name, epoch_plan, lr_schedule, train_epoch, wrap
+from omnivae.train import build_parts, cpu_name, epoch_plan, lr_schedule, resolve_precision, train_epoch, wrap
 
 
 def time_data() -> None:
@@ -97,7 +96,7 @@ def minimal_loop(model, optimizer, images, label, plan, cfg) -> None:
 
 def time_training(steps: int, device: torch.device, overrides: list[str], rounds: int = 3) -> None:
     cfg = make_config("default", ["device=" + str(device), *overrides])
-    cfg = dataclasses.replace(cfg, precision=auto_precision(device)) if cfg.precision == "auto" else cfg
+    cfg = resolve_precision(cfg, device)
     background = data.load_set("background", 28, progress=False)
     images = background.tensors().to(device)  # (N, 1, S, S)
     classes, label = np.unique(background.character, return_inverse=True)

@@ -205,6 +205,11 @@ def auto_precision(device: torch.device) -> str:
     return "bf16" if device.type == "cpu" and bf16_supported(device) else "fp32"
 
 
+def resolve_precision(cfg: Config, device: torch.device) -> Config:
+    """cfg with precision=auto replaced by what `auto_precision` picks on that device."""
+    return dataclasses.replace(cfg, precision=auto_precision(device)) if cfg.precision == "auto" else cfg
+
+
 def _precision(precision: str, device: torch.device):
     """bf16 autocast for precision "bf16" (no gradient scaling needed: bf16 has float32's range);
     "auto" as `auto_precision` resolves it on that device."""
@@ -566,8 +571,7 @@ def _train(cfg: Config, run_dir: Path, data_dir, cache_dir, resume: bool, progre
             raise ConfigError(f"epochs={epochs} is fewer than the {start} epochs {run_dir} has finished")
         cfg = dataclasses.replace(cfg, epochs=epochs)
         cfg.validate()
-    if cfg.precision == "auto":  # the config records the precision the run trains in
-        cfg = dataclasses.replace(cfg, precision=auto_precision(process.device))
+    cfg = resolve_precision(cfg, process.device)  # the config records the precision the run trains in
     if cfg.precision == "bf16" and not bf16_supported(process.device):
         if process.master:
             print(f"omnivae: {cpu_name() if process.device.type == 'cpu' else process.device} has no bfloat16 "
