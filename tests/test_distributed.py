@@ -136,18 +136,19 @@ def test_shares_are_whole_groups_and_draws_are_the_global_batches():
 def test_ddp_option_that_skips_buffer_sync_on_each_torch(monkeypatch):
     """torch 2.13 names it forward_sync_buffers; older torch (often on CUDA images) broadcast_buffers.
     Either way DDP is built without a buffer broadcast before each forward."""
-    import inspect
-
     from omnivae.train import no_buffer_sync
 
-    DDP = torch.nn.parallel.DistributedDataParallel
-    expected = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters else "broadcast_buffers"
-    assert no_buffer_sync() == {expected: False}
+    class NewerDDP:  # the signature of torch 2.13: both names, the older one deprecated
+        def __init__(self, module, device_ids=None, broadcast_buffers=None, forward_sync_buffers=None):
+            pass
 
     class OlderDDP:  # the signature of torch before 2.13
         def __init__(self, module, device_ids=None, output_device=None, dim=0, broadcast_buffers=True):
             pass
 
-    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", OlderDDP)
-    assert no_buffer_sync() == {"broadcast_buffers": False}
-    OlderDDP(torch.nn.Linear(1, 1), **no_buffer_sync())  # accepted
+    for ddp, expected in ((NewerDDP, {"forward_sync_buffers": False}), (OlderDDP, {"broadcast_buffers": False})):
+        monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", ddp)
+        assert no_buffer_sync() == expected
+        ddp(torch.nn.Linear(1, 1), **no_buffer_sync())  # accepted
+    monkeypatch.undo()
+    assert no_buffer_sync() == {"forward_sync_buffers": False}  # the pinned torch (2.13)
