@@ -207,6 +207,10 @@ VARIANTS: dict[str, dict] = {
     # The PixelCNN head on today's default, the encoder on grey drawings, now that the proposal
     # reads binary drawings blurred (protocol 5): without and with the base term.
     "pix_grey": {"decoder": "pixelcnn", "binarize": True, "binarize_encoder": False},
+    # Depth at each level: a second 3x3 block after each upsampling (at 14 and 28 px) for sharper
+    # decodings (issue 9), after each downsampling for the content code (issue 10).
+    "dec2": {"decoder_blocks": 2},
+    "enc2": {"encoder_blocks": 2},
 }
 
 

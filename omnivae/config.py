@@ -37,6 +37,8 @@ class Config:
     channels: int = 32  # width of the first conv layer; doubles at each downsampling
     hidden: int = 256  # width of the fully connected layer between conv stack and heads
     encoder: str = "conv"  # conv (stride-2 blocks down to 8 px or less) | conv4 (four conv + max-pool blocks of 2 * channels filters)
+    encoder_blocks: int = 1  # encoder=conv: 3x3 conv blocks per level; more than 1 adds stride-1 blocks after each level's first (a deeper encoder)
+    decoder_blocks: int = 1  # 3x3 conv blocks per decoder level; more than 1 adds stride-1 blocks after each upsampling, at the image's size too (a deeper decoder)
     decoder: str = "deconv"  # deconv (transposed convolutions) | resnet (with residual blocks) | pixelcnn (deconv features conditioning an autoregressive head)
     pixelcnn_layers: int = 3  # decoder=pixelcnn: gated layers of the head; a pixel sees the pixelcnn_layers + 1 rows above it
     pixelcnn_channels: int = 8  # decoder=pixelcnn: width of the head (8: a training step ~1.5x deconv's on a CPU)
@@ -154,7 +156,8 @@ class Config:
         for key in ("content_dim", "style_dim", "channels", "hidden", "batch_size", "groups", "group_size", "epochs"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("disc_hidden", "disc_steps", "episodes", "pixelcnn_layers", "pixelcnn_channels"):
+        for key in ("disc_hidden", "disc_steps", "episodes", "pixelcnn_layers", "pixelcnn_channels", "encoder_blocks",
+                    "decoder_blocks"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         for key in ("threads", "detail_dim", "prior_components", "contrastive_head", "nll_k", "nll_images", "swap_pairs", "tsne_characters", "set_nll_k", "set_nll_sets"):
@@ -172,6 +175,8 @@ class Config:
         for key in ("detail_drop", "encoder_binary"):
             if getattr(self, key) > 1:
                 raise ConfigError(f"{key} must be between 0 and 1 (a share of the drawings), got {getattr(self, key)}")
+        if self.encoder_blocks > 1 and self.encoder != "conv":
+            raise ConfigError(f"encoder_blocks is for encoder=conv, got encoder={self.encoder!r}")
         if self.encoder_binary and self.binarize:
             raise ConfigError("encoder_binary is for grey training drawings; with binarize=true the encoder's input "
                               "is set by binarize_encoder")

@@ -49,6 +49,8 @@ class ModelConfig:
     grouping: str = "product"  # how a group's content posteriors combine in forward: product | average
     encoder: str = "conv"  # conv (stride-2 blocks down to 8 px or less) | conv4 (four conv + max-pool blocks)
     decoder: str = "deconv"  # deconv | resnet (residual blocks) | pixelcnn (an autoregressive head on deconv features)
+    encoder_blocks: int = 1  # encoder=conv: 3x3 conv blocks per level (1: the stride block alone; more add stride-1 blocks after it)
+    decoder_blocks: int = 1  # 3x3 conv blocks per decoder level (1: the upsampling block alone; more add stride-1 blocks after it, at 28 px too)
     pixelcnn_layers: int = 3  # gated layers of the pixelcnn head: a pixel sees the pixelcnn_layers + 1 rows above it
     pixelcnn_channels: int = 8  # width of the pixelcnn head
     detail_dim: int = 0  # size of the detail code (what this drawing adds to its content and style); 0: none
@@ -56,7 +58,7 @@ class ModelConfig:
 
     def __post_init__(self):
         for name in ("image_size", "content_dim", "style_dim", "channels", "hidden", "pixelcnn_layers",
-                     "pixelcnn_channels"):
+                     "pixelcnn_channels", "encoder_blocks", "decoder_blocks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("detail_dim", "prior_components"):
@@ -68,6 +70,8 @@ class ModelConfig:
             raise ConfigError(f"encoder must be one of {', '.join(ENCODERS)}, got {self.encoder!r}")
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
+        if self.encoder_blocks > 1 and self.encoder != "conv":
+            raise ConfigError(f"encoder_blocks is for encoder=conv, got encoder={self.encoder!r}")
 
     @classmethod
     def from_config(cls, cfg) -> "ModelConfig":
@@ -130,11 +134,14 @@ def conv_levels(config: "ModelConfig") -> tuple[list[int], list[int]]:
 
 def conv_encoder(config: "ModelConfig") -> tuple[nn.Sequential, int]:
     """The `conv` encoder: a stride-1 block, then a stride-2 block per further level of
-    `conv_levels`, the width doubling at each. Returns the stack and its flattened output size."""
+    `conv_levels`, the width doubling at each; `encoder_blocks` - 1 stride-1 blocks follow each
+    level's first block (a VGG-style stack, Simonyan and Zisserman 2015). Returns the stack and its
+    flattened output size."""
     sizes, widths = conv_levels(config)
-    layers = [_block(1, widths[0], 1)]
-    for i in range(1, len(sizes)):
-        layers.append(_block(widths[i - 1], widths[i], 2))
+    layers = []
+    for i in range(len(sizes)):
+        layers.append(_block(widths[i - 1] if i else 1, widths[i], 2 if i else 1))
+        layers += [_block(widths[i], widths[i], 1) for _ in range(config.encoder_blocks - 1)]
     return nn.Sequential(*layers), widths[-1] * sizes[-1] ** 2
 
 
@@ -368,6 +375,10 @@ class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tag
         for i in range(len(sizes) - 1, 0, -1):
             ups.append(_up_block(widths[i], widths[i - 1], sizes[i - 1], sizes[i]))
         self.upsample = nn.Sequential(*ups)
+        if config.decoder_blocks > 1:  # stride-1 blocks after each upsampling, at its size and width
+            self.refine = nn.ModuleList(
+                nn.Sequential(*[_block(widths[i - 1], widths[i - 1], 1) for _ in range(config.decoder_blocks - 1)])
+                for i in range(len(sizes) - 1, 0, -1))
         if config.decoder == "resnet":  # one block at each size below the image's, before its upsampling
             self.residual = nn.ModuleList(_residual_block(widths[i]) for i in range(len(sizes) - 1, 0, -1))
         self.to_logits = nn.Conv2d(widths[0], 1, 3, 1, 1)
@@ -416,7 +427,7 @@ class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tag
     def decoder_parameters(self) -> list[nn.Parameter]:
         """The parameters that map codes to pixels (everything after the Gaussian heads)."""
         parts = [self.expand, self.upsample, self.to_logits]
-        parts += [getattr(self, name) for name in ("residual", "head") if hasattr(self, name)]
+        parts += [getattr(self, name) for name in ("residual", "refine", "head") if hasattr(self, name)]
         return [p for part in parts for p in part.parameters()]
 
     def posterior(self, x: torch.Tensor) -> Posterior:
@@ -455,10 +466,14 @@ class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tag
         # a CPU in this layout (a decoding pass without gradients, as the likelihood makes a million of
         # them; a whole training run on 2 cores is not faster), the same numbers up to float rounding.
         h = h.view(-1, self.widths[-1], self.sizes[-1], self.sizes[-1]).contiguous(memory_format=torch.channels_last)
-        if self.config.decoder != "resnet":
+        if self.config.decoder != "resnet" and not hasattr(self, "refine"):
             return self.upsample(h)  # (B, C0, S, S)
-        for block, up in zip(self.residual, self.upsample):
-            h = up(F.relu(h + block(h)))  # (B, C_i, S_i, S_i), doubling the size
+        for i, up in enumerate(self.upsample):
+            if self.config.decoder == "resnet":
+                h = F.relu(h + self.residual[i](h))
+            h = up(h)  # (B, C_i, S_i, S_i), doubling the size
+            if hasattr(self, "refine"):
+                h = self.refine[i](h)
         return h  # (B, C0, S, S)
 
     def decode_logits(self, content: torch.Tensor, style: torch.Tensor, x: torch.Tensor | None = None,

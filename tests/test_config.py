@@ -166,3 +166,12 @@ def test_seed_preset_is_the_seed_design():
     cfg = make_config("seed")
     assert cfg.content_regularizer == cfg.style_regularizer == "mmd"
     assert cfg.group_size == 1 and cfg.contrastive_weight == 0 and cfg.style_adversary_weight == 0
+
+
+def test_deeper_stacks_are_settable_and_checked():
+    cfg = make_config("default", ["encoder_blocks=2", "decoder_blocks=3"])
+    assert (cfg.encoder_blocks, cfg.decoder_blocks) == (2, 3)
+    with pytest.raises(ConfigError, match="encoder_blocks is for encoder=conv, got encoder='conv4'"):
+        make_config("default", ["encoder=conv4", "encoder_blocks=2"])
+    with pytest.raises(ConfigError, match="decoder_blocks must be >= 1, got 0"):
+        make_config("default", ["decoder_blocks=0"])

@@ -458,3 +458,45 @@ def test_detail_code_is_decoded_with_its_prior_mean_unless_given():
     assert torch.allclose(plain.eval().reconstruct(x), plain.decode(*plain.encode(x)))
     with pytest.raises(ValueError, match="detail_dim"):
         small(detail_dim=-1)
+
+
+@pytest.mark.parametrize("encoder_blocks,decoder_blocks", [(2, 1), (1, 2), (3, 3)])
+def test_deeper_conv_stacks_add_stride_one_blocks_at_each_level(encoder_blocks, decoder_blocks):
+    """encoder_blocks / decoder_blocks add 3x3 stride-1 blocks at each level's size and width: at 28 px and
+    4 channels the encoder's levels are 28, 14, 7 px at 4, 8, 16 channels, the decoder's after upsampling
+    14 and 28 px at 8 and 4."""
+    model = StructuredVAE(small(encoder_blocks=encoder_blocks, decoder_blocks=decoder_blocks)).eval()
+    seen = []
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and module.stride == (1, 1) and module.in_channels == module.out_channels:
+            module.register_forward_hook(lambda m, i, o, seen=seen: seen.append((o.shape[1], o.shape[-1])))
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        q = model.posterior(x)
+        logits = model.decode_logits(q.content_mean, q.style_mean)
+    assert logits.shape == (2, 1, 28, 28)
+    extra = encoder_blocks - 1
+    assert seen == [(4, 28)] * extra + [(8, 14)] * extra + [(16, 7)] * extra + \
+        [(8, 14)] * (decoder_blocks - 1) + [(4, 28)] * (decoder_blocks - 1)
+    assert len(model.features) == 3 * encoder_blocks
+    refine = {id(p) for p in model.refine.parameters()} if decoder_blocks > 1 else set()
+    assert refine <= {id(p) for p in model.decoder_parameters()}
+    assert hasattr(model, "refine") == (decoder_blocks > 1)
+
+
+def test_deeper_stacks_keep_the_one_block_model_and_refuse_conv4():
+    torch.manual_seed(0)
+    one = StructuredVAE(small())
+    torch.manual_seed(0)
+    same = StructuredVAE(small(encoder_blocks=1, decoder_blocks=1))
+    assert_same_state(one, same)
+    with pytest.raises(ConfigError, match="encoder_blocks is for encoder=conv, got encoder='conv4'"):
+        small(encoder="conv4", encoder_blocks=2)
+    with pytest.raises(ValueError, match="decoder_blocks must be >= 1, got 0"):
+        small(decoder_blocks=0)
+
+
+def test_resnet_decoder_with_refine_blocks_decodes():
+    model = StructuredVAE(small(decoder="resnet", decoder_blocks=2)).eval()
+    with torch.no_grad():
+        assert model.decode(torch.randn(3, 6), torch.randn(3, 3)).shape == (3, 1, 28, 28)
