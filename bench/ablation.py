@@ -108,18 +108,23 @@ def _visible_gpus() -> int:
 # (content means of norm about 11; at step 0, norm 0.85, it is the other way round), the gradient
 # of the prototypical term on the content means was 12 to 17 times the contrastive term's per unit
 # weight. At 10 it is 1.2 to 1.7 times the contrastive term's at its weight of 100: the same size.
+# The network of the `default` before the depth table (bf16_e28: one block per level, the deconv
+# decoder; run it with --epochs 28): the variants measured on top of it carry it, so they rerun
+# the same network whatever today's `default` is.
+SHALLOW = {"encoder_blocks": 1, "decoder": "deconv"}
+
 VARIANTS: dict[str, dict] = {
     # The previous `default` (64 x 2, content KL at weight 1, turned characters only): every sweep
     # recorded before the lighter content KL ran on top of it; add these settings to rerun one.
     "g64m2": {"content_weight": 1.0, "reflections": False, "weight_decay": 0.0},
-    "conv4": {"encoder": "conv4"},
+    "conv4": {**SHALLOW, "encoder": "conv4"},
     "proto": {"proto_weight": 10.0},
     "proto_only": {"proto_weight": 10.0, "contrastive_weight": 0.0},
-    "conv4_proto": {"encoder": "conv4", "proto_weight": 10.0},
+    "conv4_proto": {**SHALLOW, "encoder": "conv4", "proto_weight": 10.0},
     # The decoder and the style code's room.
     "style_kl1": {"style_weight": 1.0},
     "free_bits": {"style_weight": 1.0, "style_free_bits": 0.5},
-    "resnet": {"decoder": "resnet"},
+    "resnet": {**SHALLOW, "decoder": "resnet"},
     "pixelcnn": {"decoder": "pixelcnn", "binarize": True},  # the head sees binary drawings, as when it samples
     # Style with room, identity kept out: each drawing decoded with the style of another character's
     # drawing that shares its distortion (transfer_weight), with and without the distortions.
@@ -209,8 +214,11 @@ VARIANTS: dict[str, dict] = {
     "pix_grey": {"decoder": "pixelcnn", "binarize": True, "binarize_encoder": False},
     # Depth at each level: a second 3x3 block after each upsampling (at 14 and 28 px) for sharper
     # decodings (issue 9), after each downsampling for the content code (issue 10).
-    "dec2": {"decoder_blocks": 2},
-    "enc2": {"encoder_blocks": 2},
+    "shallow": SHALLOW,
+    "dec2": {**SHALLOW, "decoder_blocks": 2},
+    "enc2": {**SHALLOW, "encoder_blocks": 2},
+    "enc2_e19": {**SHALLOW, "encoder_blocks": 2},  # --epochs 19: about the compute of 28 shallow epochs
+    "enc2_res_e18": {"encoder_blocks": 2, "decoder": "resnet"},  # --epochs 18: the same compute
 }
 
 

@@ -176,7 +176,8 @@ class Config:
             if getattr(self, key) > 1:
                 raise ConfigError(f"{key} must be between 0 and 1 (a share of the drawings), got {getattr(self, key)}")
         if self.encoder_blocks > 1 and self.encoder != "conv":
-            raise ConfigError(f"encoder_blocks is for encoder=conv, got encoder={self.encoder!r}")
+            raise ConfigError(f"encoder_blocks={self.encoder_blocks} is for encoder=conv, got encoder={self.encoder!r} "
+                              "(set encoder_blocks=1 with it)")
         if self.encoder_binary and self.binarize:
             raise ConfigError("encoder_binary is for grey training drawings; with binarize=true the encoder's input "
                               "is set by binarize_encoder")
@@ -259,12 +260,13 @@ PRESETS: dict[str, dict] = {
     # and its KL at weight 0.5 (a per-image bound; the lighter weight leaves the content code the
     # detail that makes decodings recognisable), a strong supervised contrastive term on content
     # means, a KL bottleneck (weight 3) on style so it cannot carry the character, turned and
-    # mirrored characters as extra training characters, and decoupled weight decay. bf16 autocast
-    # of the training step buys 28 epochs in the time float32 takes for 20 on a CPU with bf16;
-    # on a GPU float32 is the faster (precision=auto picks each where it wins).
+    # mirrored characters as extra training characters, and decoupled weight decay. Two conv
+    # blocks per encoder level and a residual decoder; 18 epochs of them cost what 28 epochs of the
+    # one-block deconv network did. bf16 autocast of the training step on a CPU with bf16; on a
+    # GPU float32 is the faster (precision=auto picks each where it wins).
     "default": dict(group_size=2, groups=64, content_regularizer="kl", content_weight=0.5, contrastive_weight=100.0,
                     style_regularizer="kl", style_weight=3.0, rotations=True, reflections=True, weight_decay=0.5,
-                    precision="auto", epochs=28),
+                    encoder_blocks=2, decoder="resnet", precision="auto", epochs=18),
     # More compute: wider network, a per-sample KL that keeps wide runs stable. For a GPU. Still
     # the MMD on content of the previous default: not yet measured with the content KL.
     "large": dict(group_size=4, groups=32, contrastive_weight=100.0, style_regularizer="kl", style_weight=3.0,

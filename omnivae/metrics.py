@@ -640,6 +640,16 @@ def _content_prior_shift(model, content: torch.Tensor):
     return 0.5 * (content.pow(2) + LOG_2PI).sum(-1) + model.content_log_prior(content)
 
 
+# Drawings decoded per pass of the likelihoods when `chunk` is not given: passes of about 250
+# drawings ran 1.3x as fast as passes of 1,000 on a 2-core CPU (the feature maps stay in cache).
+DECODES_PER_PASS = 256
+
+
+def _samples_per_pass(chunk: int | None, rows: int) -> int:
+    """`chunk`, or the importance samples that decode about DECODES_PER_PASS drawings of `rows` per pass."""
+    return chunk if chunk else max(1, DECODES_PER_PASS // rows)
+
+
 def _log_weights(model, x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor):
     """log p(x | z_i) + log p(z_i) - log q(z_i | x) for z_i = mean + sigma * eps_i: (K, B) float64.
 
@@ -662,7 +672,7 @@ def _log_weights(model, x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tenso
 
 
 @torch.no_grad()
-def iwae_nll(model, images, k: int = 1000, batch_size: int = 10, chunk: int = 100, seed: int = 0,
+def iwae_nll(model, images, k: int = 1000, batch_size: int = 10, chunk: int | None = None, seed: int = 0,
              progress: bool = False, blur: float = 0.0) -> dict:
     """Negative log-likelihood of binary images by importance sampling, in nats per image.
 
@@ -676,8 +686,8 @@ def iwae_nll(model, images, k: int = 1000, batch_size: int = 10, chunk: int = 10
       elbo: -elbo_nll, the ELBO itself.
     `images` must be binary (see `binarize`): with grey levels the Bernoulli term is a
     cross-entropy, not a likelihood. The model runs in eval mode (restored afterwards). The k
-    samples are drawn `chunk` at a time for `batch_size` images, so memory stays at
-    chunk * batch_size decoded images. Noise comes from a CPU torch.Generator(seed), drawn k
+    samples are decoded `chunk` at a time for `batch_size` images, so memory stays at
+    chunk * batch_size decoded images (None: about DECODES_PER_PASS per pass). Noise comes from a CPU torch.Generator(seed), drawn k
     at a time per batch, so the numbers are exactly reproducible for a given seed, k and
     batch_size on a given device, and do not depend on `chunk`. The content posterior is
     the single-drawing one (model.posterior), as for a model trained with grouping, of each
@@ -699,8 +709,9 @@ def iwae_nll(model, images, k: int = 1000, batch_size: int = 10, chunk: int = 10
             logvar = torch.cat([q.content_logvar, own_logvar], 1)  # (B, D)
             # All k draws at once, so the numbers do not depend on `chunk`.
             eps = torch.randn(k, *mean.shape, generator=generator).to(mean.device, mean.dtype)  # (k, B, D)
+            step = _samples_per_pass(chunk, len(x))
             log_w = torch.cat([
-                _log_weights(model, x, mean, logvar, eps[done:done + chunk]) for done in range(0, k, chunk)
+                _log_weights(model, x, mean, logvar, eps[done:done + step]) for done in range(0, k, step)
             ])  # (k, B)
             iwae.append(log_w.logsumexp(0) - math.log(k))  # (B,)
             elbo.append(log_w.mean(0))  # (B,)
@@ -762,7 +773,7 @@ def _set_log_weights(model, x: torch.Tensor, content_mean, content_logvar, style
     return (log_p_x + log_prior_over_q).double()
 
 
-def _set_log_likelihoods(model, images: torch.Tensor, sets: np.ndarray, k: int, batch_size: int, chunk: int,
+def _set_log_likelihoods(model, images: torch.Tensor, sets: np.ndarray, k: int, batch_size: int, chunk: int | None,
                          generator: torch.Generator, progress: bool = False, blur: float = 0.0) -> torch.Tensor:
     """log p(x_1..x_M) of every set by importance sampling with the grouped posterior: (n_sets,) float64.
 
@@ -787,10 +798,11 @@ def _set_log_likelihoods(model, images: torch.Tensor, sets: np.ndarray, k: int, 
         style_logvar = own_logvar.view(b, m, -1)  # (B, M, Ds + Dd)
         width = content_mean.shape[1] + m * style_mean.shape[2]
         eps = torch.randn(k, b, width, generator=generator).to(x.device, x.dtype)  # (k, B, Dc + M * Ds)
+        step = _samples_per_pass(chunk, len(x))
         log_w = torch.cat([
             _set_log_weights(model, x.view(b, m, *x.shape[1:]), content_mean, content_logvar, style_mean,
-                             style_logvar, eps[done:done + chunk])
-            for done in range(0, k, chunk)
+                             style_logvar, eps[done:done + step])
+            for done in range(0, k, step)
         ])  # (k, B)
         out.append((log_w.logsumexp(0) - math.log(k)).cpu())  # (B,)
     return torch.cat(out)
@@ -802,7 +814,7 @@ def _check_binary(images: torch.Tensor, name: str) -> None:
 
 
 @torch.no_grad()
-def set_nll(model, images, sets, k: int = 1000, batch_size: int = 10, chunk: int = 100, seed: int = 0,
+def set_nll(model, images, sets, k: int = 1000, batch_size: int = 10, chunk: int | None = None, seed: int = 0,
             progress: bool = False, blur: float = 0.0) -> dict:
     """Negative log-likelihood of sets of drawings of one character that share one content code, per drawing.
 
@@ -830,7 +842,7 @@ def set_nll(model, images, sets, k: int = 1000, batch_size: int = 10, chunk: int
         bound, an ELBO on log p(X) with the sampled KL; k = 1 here gives that one-sample bound.
     images: (N, 1, S, S) binary; sets: (n_sets, M) row indices of drawings of one character each.
     Noise from a CPU torch.Generator(seed), k draws per batch of `batch_size` sets; memory stays
-    at chunk * batch_size * M decoded images; the model runs in eval mode (restored afterwards).
+    at chunk * batch_size * M decoded images (None: about DECODES_PER_PASS per pass); the model runs in eval mode (restored afterwards).
     Returns {"nll": nats per drawing, "k", "sets", "set_size"}.
     """
     images = _as_images(images)
@@ -849,7 +861,7 @@ def set_nll(model, images, sets, k: int = 1000, batch_size: int = 10, chunk: int
 
 
 @torch.no_grad()
-def conditional_nll(model, images, pairs, k: int = 1000, batch_size: int = 10, chunk: int = 100, seed: int = 0,
+def conditional_nll(model, images, pairs, k: int = 1000, batch_size: int = 10, chunk: int | None = None, seed: int = 0,
                     progress: bool = False, blur: float = 0.0) -> dict:
     """Negative log-likelihood of a drawing given one other drawing of the same character, in nats.
 

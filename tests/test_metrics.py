@@ -605,6 +605,13 @@ def test_iwae_reproducible_and_independent_of_chunks():
         result["nll"], abs=1e-4)
     assert metrics.iwae_nll(model, images, k=64, batch_size=3, chunk=20, seed=1) != result
     assert model.training  # mode restored
+    # Without a chunk, passes of about DECODES_PER_PASS drawings: 256 // 3 = 85 samples, here all 64 at once.
+    assert metrics._samples_per_pass(None, 3) == 85 and metrics._samples_per_pass(None, 50) == 5
+    assert metrics._samples_per_pass(None, 1000) == 1 and metrics._samples_per_pass(7, 3) == 7
+    assert metrics.iwae_nll(model, images, k=64, batch_size=3, seed=0)["nll"] == pytest.approx(result["nll"], abs=1e-4)
+    sets = np.array([[0, 1, 2], [3, 4, 5]])
+    assert metrics.set_nll(model, images, sets, k=32, batch_size=2, seed=0)["nll"] == pytest.approx(
+        metrics.set_nll(model, images, sets, k=32, batch_size=2, chunk=3, seed=0)["nll"], abs=1e-4)
 
 
 def _tiny_pixelcnn():

@@ -1,4 +1,5 @@
 import json
+import re
 import socket
 
 import pytest
@@ -9,7 +10,8 @@ from safetensors.torch import load_file, save_file
 import omnivae
 from fixtures import synthetic_omniglot
 from omnivae.config import ConfigError, make_config
-from omnivae.model import Discriminator, ModelConfig, Noise, StructuredVAE, StyleAdversary, conv4_sizes, feature_sizes
+from omnivae.model import (Discriminator, ModelConfig, Noise, StructuredVAE, StyleAdversary, conv4_sizes, feature_sizes,
+                           fold_batch_norm)
 from omnivae.train import train
 
 
@@ -490,7 +492,7 @@ def test_deeper_stacks_keep_the_one_block_model_and_refuse_conv4():
     torch.manual_seed(0)
     same = StructuredVAE(small(encoder_blocks=1, decoder_blocks=1))
     assert_same_state(one, same)
-    with pytest.raises(ConfigError, match="encoder_blocks is for encoder=conv, got encoder='conv4'"):
+    with pytest.raises(ConfigError, match=re.escape("encoder_blocks=2 is for encoder=conv, got encoder='conv4' (set encoder_blocks=1 with it)")):
         small(encoder="conv4", encoder_blocks=2)
     with pytest.raises(ValueError, match="decoder_blocks must be >= 1, got 0"):
         small(decoder_blocks=0)
@@ -500,3 +502,32 @@ def test_resnet_decoder_with_refine_blocks_decodes():
     model = StructuredVAE(small(decoder="resnet", decoder_blocks=2)).eval()
     with torch.no_grad():
         assert model.decode(torch.randn(3, 6), torch.randn(3, 3)).shape == (3, 1, 28, 28)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"decoder": "resnet", "encoder_blocks": 2}, {"decoder_blocks": 2},
+                                       {"decoder": "pixelcnn", "pixelcnn_layers": 2, "pixelcnn_channels": 4}])
+def test_folded_batch_norm_computes_what_the_model_computes_in_eval_mode(overrides):
+    """Each conv or transposed conv that a batch norm follows absorbs it: the copy gives the eval-mode
+    posterior and logits up to float rounding, has no batch norm left, and leaves the model alone."""
+    torch.manual_seed(0)
+    model = StructuredVAE(small(**overrides))
+    with torch.no_grad():  # running statistics and affine parameters far from their initial 0 / 1
+        for _ in range(3):
+            model(torch.rand(8, 1, 28, 28) * 3, group_size=2)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 2.0), m.bias.uniform_(-1.0, 1.0)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold_batch_norm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert model.training and any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.eval()
+    x = (torch.rand(5, 1, 28, 28) < 0.3).float()
+    with torch.no_grad():
+        q, p = model.posterior(x), folded.posterior(x)
+        torch.testing.assert_close(p.content_mean, q.content_mean, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(p.style_logvar, q.style_logvar, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(folded.decode_logits(q.content_mean, q.style_mean, x),
+                                   model.decode_logits(q.content_mean, q.style_mean, x), rtol=1e-4, atol=1e-4)
