@@ -404,7 +404,7 @@ def evaluate(
     done("style effect, digits, swap consistency")
 
     if nll_k:
-        scorer = fold_batch_norm(model)  # the same numbers up to float rounding, in about 0.75 of the time
+        scorer = fold_batch_norm(model)  # the same numbers, in about 2/3 of the time (bench/fold_check.py)
         chosen = np.arange(len(test)) if not nll_images or nll_images >= len(test) else (
             np.sort(np.random.default_rng(streams["nll_images"]).choice(len(test), nll_images, replace=False))
         )
