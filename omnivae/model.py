@@ -469,8 +469,6 @@ class StructuredVAE(nn.Module, PyTorchModelHubMixin, library_name="omnivae", tag
         # a CPU in this layout (a decoding pass without gradients, as the likelihood makes a million of
         # them; a whole training run on 2 cores is not faster), the same numbers up to float rounding.
         h = h.view(-1, self.widths[-1], self.sizes[-1], self.sizes[-1]).contiguous(memory_format=torch.channels_last)
-        if self.config.decoder != "resnet" and not hasattr(self, "refine"):
-            return self.upsample(h)  # (B, C0, S, S)
         for i, up in enumerate(self.upsample):
             if self.config.decoder == "resnet":
                 h = F.relu(h + self.residual[i](h))
