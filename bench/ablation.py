@@ -219,6 +219,7 @@ VARIANTS: dict[str, dict] = {
     "enc2": {**SHALLOW, "encoder_blocks": 2},
     "enc2_e19": {**SHALLOW, "encoder_blocks": 2},  # --epochs 19: about the compute of 28 shallow epochs
     "enc2_res_e18": {"encoder_blocks": 2, "decoder": "resnet"},  # --epochs 18: the same compute
+    "enc2_res_e28": {"encoder_blocks": 2, "decoder": "resnet"},  # --epochs 28: the `large` preset
 }
 
 

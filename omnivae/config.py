@@ -267,11 +267,10 @@ PRESETS: dict[str, dict] = {
     "default": dict(group_size=2, groups=64, content_regularizer="kl", content_weight=0.5, contrastive_weight=100.0,
                     style_regularizer="kl", style_weight=3.0, rotations=True, reflections=True, weight_decay=0.5,
                     encoder_blocks=2, decoder="resnet", precision="auto", epochs=18),
-    # More compute: wider network, a per-sample KL that keeps wide runs stable. For a GPU. Still
-    # the MMD on content of the previous default: not yet measured with the content KL.
-    "large": dict(group_size=4, groups=32, contrastive_weight=100.0, style_regularizer="kl", style_weight=3.0,
-                  rotations=True, channels=64, hidden=512, sample_kl=0.01, epochs=60),
 }
+# More compute, for a GPU: the `default` for 28 epochs, the best design measured on the validation
+# alphabets (one seed; 28/18 of the `default`'s training, over the CPU budget's 8 minutes).
+PRESETS["large"] = {**PRESETS["default"], "epochs": 28}
 
 
 def make_config(preset: str = "default", overrides: list[str] | dict | None = None) -> Config:

@@ -83,7 +83,7 @@ def test_precision_and_compile_are_off_until_measured():
     # GPU, its gain does not pay its compile time in the default's short run.
     for name in PRESETS:
         cfg = make_config(name)
-        assert (cfg.precision, cfg.compile) == ("auto" if name == "default" else "fp32", False), name
+        assert (cfg.precision, cfg.compile) == ("auto" if name in ("default", "large") else "fp32", False), name
     cfg = make_config("quick", ["precision=bf16", "compile=true"])
     assert (cfg.precision, cfg.compile) == ("bf16", True)
 
@@ -99,9 +99,9 @@ def test_presets_keep_the_conv_encoder_and_no_prototypical_term():
 def test_decoder_and_free_bits_defaults_change_nothing():
     for name in PRESETS:
         cfg = make_config(name)
-        # The `default`'s residual decoder and second encoder block per level were chosen on the
-        # validation alphabets (README, "Depth"); the other presets keep the network they were measured with.
-        deep = name == "default"
+        # The residual decoder and second encoder block per level of `default` and `large` were chosen
+        # on the validation alphabets (README, "Depth"); the other presets keep the network they were measured with.
+        deep = name in ("default", "large")
         assert (cfg.decoder, cfg.encoder_blocks, cfg.decoder_blocks, cfg.style_free_bits) == (
             "resnet" if deep else "deconv", 2 if deep else 1, 1, 0.0), name
     cfg = make_config("quick", ["decoder=pixelcnn", "pixelcnn_layers=2", "pixelcnn_channels=12", "style_free_bits=0.5"])
@@ -179,3 +179,9 @@ def test_deeper_stacks_are_settable_and_checked():
         make_config("default", ["encoder=conv4", "encoder_blocks=2"])
     with pytest.raises(ConfigError, match="decoder_blocks must be >= 1, got 0"):
         make_config("default", ["decoder_blocks=0"])
+
+
+def test_the_large_preset_is_the_default_for_more_epochs():
+    large, default = make_config("large").to_dict(), make_config("default").to_dict()
+    assert (large.pop("epochs"), default.pop("epochs")) == (28, 18)
+    assert large == default
