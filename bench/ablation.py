@@ -220,6 +220,11 @@ VARIANTS: dict[str, dict] = {
     "enc2_e19": {**SHALLOW, "encoder_blocks": 2},  # --epochs 19: about the compute of 28 shallow epochs
     "enc2_res_e18": {"encoder_blocks": 2, "decoder": "resnet"},  # --epochs 18: the same compute
     "enc2_res_e28": {"encoder_blocks": 2, "decoder": "resnet"},  # --epochs 28: the `large` preset
+    "enc3_res_e16": {"encoder_blocks": 3},  # --epochs 16: a third 3x3 block per encoder level
+    "resenc2_e16": {"encoder": "resnet", "encoder_blocks": 2},  # --epochs 16: its two stride-1 blocks as one residual block
+    "lr2e3": {"lr": 2e-3},  # twice the learning rate
+    "ema995": {"ema_decay": 0.995},  # the run's model is a moving average of its weights (about 200 steps)
+    "ema998": {"ema_decay": 0.998},  # the same over about 500 steps
 }
 
 

@@ -36,8 +36,8 @@ class Config:
     detail_dim: int = 0  # size of a third, per-drawing detail code that is never transferred (what this drawing adds to its character and hand); 0: none
     channels: int = 32  # width of the first conv layer; doubles at each downsampling
     hidden: int = 256  # width of the fully connected layer between conv stack and heads
-    encoder: str = "conv"  # conv (stride-2 blocks down to 8 px or less) | conv4 (four conv + max-pool blocks of 2 * channels filters)
-    encoder_blocks: int = 1  # encoder=conv: 3x3 conv blocks per level; more than 1 adds stride-1 blocks after each level's first (a deeper encoder)
+    encoder: str = "conv"  # conv (stride-2 blocks down to 8 px or less) | resnet (the same levels, residual blocks after each level's first) | conv4 (four conv + max-pool blocks of 2 * channels filters)
+    encoder_blocks: int = 1  # blocks per encoder level (conv or resnet); more than 1 adds stride-1 3x3 blocks (conv) or basic residual blocks of two convolutions (resnet) after each level's first (a deeper encoder)
     decoder_blocks: int = 1  # 3x3 conv blocks per decoder level; more than 1 adds stride-1 blocks after each upsampling, at the image's size too (a deeper decoder)
     decoder: str = "deconv"  # deconv (transposed convolutions) | resnet (with residual blocks) | pixelcnn (deconv features conditioning an autoregressive head)
     pixelcnn_layers: int = 3  # decoder=pixelcnn: gated layers of the head; a pixel sees the pixelcnn_layers + 1 rows above it
@@ -90,6 +90,7 @@ class Config:
     decay_decoder: bool = True  # with weight_decay: the decoder's weights decay too; false: only the encoder's (and its helpers')
     lr_min_ratio: float = 0.1  # cosine schedule ends at lr * this
     warmup_epochs: float = 0.0  # linear warm-up of the regulariser weights, in epochs
+    ema_decay: float = 0.0  # keep an exponential moving average of the VAE's weights (each step: average <- decay * average + (1 - decay) * weights); the run's model is the average. 0 turns it off
     seed: int = 0  # seeds Python, NumPy and torch
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: each process's own GPU)
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
@@ -143,7 +144,7 @@ class Config:
             "mmd_kernel": ("imq", "rbf"),
             "match_codes": ("mean", "sample"),
             "grouping": ("product", "average"),
-            "encoder": ("conv", "conv4"),
+            "encoder": ("conv", "resnet", "conv4"),
             "precision": ("fp32", "bf16", "auto"),
             "compile_mode": ("default", "reduce-overhead", "max-autotune"),
             "image_size": IMAGE_SIZES,
@@ -175,14 +176,16 @@ class Config:
         for key in ("detail_drop", "encoder_binary"):
             if getattr(self, key) > 1:
                 raise ConfigError(f"{key} must be between 0 and 1 (a share of the drawings), got {getattr(self, key)}")
-        if self.encoder_blocks > 1 and self.encoder != "conv":
-            raise ConfigError(f"encoder_blocks={self.encoder_blocks} is for encoder=conv, got encoder={self.encoder!r} "
+        if self.encoder_blocks > 1 and self.encoder == "conv4":
+            raise ConfigError(f"encoder_blocks={self.encoder_blocks} is for encoder=conv or resnet, got encoder='conv4' "
                               "(set encoder_blocks=1 with it)")
         if self.encoder_binary and self.binarize:
             raise ConfigError("encoder_binary is for grey training drawings; with binarize=true the encoder's input "
                               "is set by binarize_encoder")
         if self.lr_min_ratio > 1:
             raise ConfigError(f"lr_min_ratio must be between 0 and 1, got {self.lr_min_ratio}")
+        if self.ema_decay >= 1:
+            raise ConfigError(f"ema_decay must be below 1 (0 turns the average off), got {self.ema_decay}")
         if not 0 < self.test_classes < 1:
             raise ConfigError(f"test_classes must be between 0 and 1 (a fraction of the classes), "
                               f"got {self.test_classes}")

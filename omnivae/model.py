@@ -49,9 +49,9 @@ class ModelConfig:
     channels: int = 32  # width of the first conv layer; doubles at each downsampling
     hidden: int = 256  # width of the fully connected layer between conv stack and heads
     grouping: str = "product"  # how a group's content posteriors combine in forward: product | average
-    encoder: str = "conv"  # conv (stride-2 blocks down to 8 px or less) | conv4 (four conv + max-pool blocks)
+    encoder: str = "conv"  # conv (stride-2 blocks down to 8 px or less) | resnet (the same levels with residual blocks) | conv4 (four conv + max-pool blocks)
     decoder: str = "deconv"  # deconv | resnet (residual blocks) | pixelcnn (an autoregressive head on deconv features)
-    encoder_blocks: int = 1  # encoder=conv: 3x3 conv blocks per level (1: the stride block alone; more add stride-1 blocks after it)
+    encoder_blocks: int = 1  # blocks per level of encoder=conv (1: the stride block alone; more add stride-1 blocks after it) or resnet (more add residual blocks)
     decoder_blocks: int = 1  # 3x3 conv blocks per decoder level (1: the upsampling block alone; more add stride-1 blocks after it, at 28 px too)
     pixelcnn_layers: int = 3  # gated layers of the pixelcnn head: a pixel sees the pixelcnn_layers + 1 rows above it
     pixelcnn_channels: int = 8  # width of the pixelcnn head
@@ -72,8 +72,8 @@ class ModelConfig:
             raise ConfigError(f"encoder must be one of {', '.join(ENCODERS)}, got {self.encoder!r}")
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
-        if self.encoder_blocks > 1 and self.encoder != "conv":
-            raise ConfigError(f"encoder_blocks={self.encoder_blocks} is for encoder=conv, got encoder={self.encoder!r} "
+        if self.encoder_blocks > 1 and self.encoder == "conv4":
+            raise ConfigError(f"encoder_blocks={self.encoder_blocks} is for encoder=conv or resnet, got encoder='conv4' "
                               "(set encoder_blocks=1 with it)")
 
     @classmethod
@@ -140,12 +140,41 @@ def conv_encoder(config: "ModelConfig") -> tuple[nn.Sequential, int]:
     `conv_levels`, the width doubling at each; `encoder_blocks` - 1 stride-1 blocks follow each
     level's first block (a VGG-style stack, Simonyan and Zisserman 2015). Returns the stack and its
     flattened output size."""
+    return _levels(config, lambda width: _block(width, width, 1))
+
+
+def _levels(config: "ModelConfig", extra) -> tuple[nn.Sequential, int]:
+    """The levels of `conv_levels`, each a stride block (stride 1 at the first) followed by
+    `encoder_blocks` - 1 modules extra(width); the stack and its flattened output size."""
     sizes, widths = conv_levels(config)
     layers = []
     for i in range(len(sizes)):
         layers.append(_block(widths[i - 1] if i else 1, widths[i], 2 if i else 1))
-        layers += [_block(widths[i], widths[i], 1) for _ in range(config.encoder_blocks - 1)]
+        layers += [extra(widths[i]) for _ in range(config.encoder_blocks - 1)]
     return nn.Sequential(*layers), widths[-1] * sizes[-1] ** 2
+
+
+class ResidualBlock(nn.Module):
+    """A basic residual block (He et al. 2016, "Deep Residual Learning for Image Recognition", fig. 2):
+    relu(h + bn(conv(relu(bn(conv(h)))))), two 3x3 convolutions at the input's width and size."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.branch = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, 1, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, 1, 1, bias=False), nn.BatchNorm2d(channels),
+        )
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.relu(h + self.branch(h))
+
+
+def resnet_encoder(config: "ModelConfig") -> tuple[nn.Sequential, int]:
+    """The `resnet` encoder: the levels of `conv_encoder`, each level's first block followed by
+    `encoder_blocks` - 1 basic residual blocks (`ResidualBlock`, two convolutions each) instead of
+    plain stride-1 blocks. encoder_blocks=2 has three convolutions per level. Returns the stack
+    and its flattened output size."""
+    return _levels(config, ResidualBlock)
 
 
 def conv4_sizes(image_size: int) -> list[int]:
@@ -174,7 +203,7 @@ def conv4_encoder(config: "ModelConfig") -> tuple[nn.Sequential, int]:
 
 # Encoders by name (ModelConfig.encoder): config -> (conv stack, its flattened output size).
 # The fully connected trunk and the two heads follow either.
-ENCODERS = {"conv": conv_encoder, "conv4": conv4_encoder}
+ENCODERS = {"conv": conv_encoder, "resnet": resnet_encoder, "conv4": conv4_encoder}
 
 
 def _up_block(cin: int, cout: int, out_size: int, in_size: int) -> nn.Sequential:

@@ -365,10 +365,12 @@ def _upgrade(run_dir: Path, state: dict, device) -> dict:
 
 
 def _export(run_dir: Path, checkpoint: Checkpoint) -> None:
-    """model.safetensors from a checkpoint: the VAE's own (unprefixed) state dict, its epoch in the metadata."""
+    """model.safetensors from a checkpoint: the VAE's own (unprefixed) state dict, or the moving
+    average of its weights when the run keeps one (`ema_decay`), its epoch in the metadata."""
     from safetensors.torch import save_file
 
-    weights = {k: v.detach().cpu().contiguous() for k, v in checkpoint.model.items()}
+    model = checkpoint.modules.get("ema", checkpoint.model)
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.items()}
     with atomic_write(run_dir / WEIGHTS_FILE) as tmp:
         save_file(weights, str(tmp), metadata={"format": "pt", "epoch": str(checkpoint.epoch)})
 

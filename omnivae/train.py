@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect
 import math
@@ -57,6 +58,7 @@ class Parts:
     discriminators: dict = field(default_factory=dict)  # part -> Discriminator
     optimizer: torch.optim.Optimizer | None = None  # VAE (and style adversary, through its reversal layer)
     disc_optimizer: torch.optim.Optimizer | None = None
+    ema: StructuredVAE | None = None  # the moving average of the VAE's weights (cfg.ema_decay > 0): the run's model
     process: distributed.Process = field(default_factory=distributed.Process)  # one of torchrun's, or the only one
     wrapped: dict = field(default_factory=dict)  # "model", "style_adversary" -> DDP and/or torch.compile of it (`wrap`)
 
@@ -72,7 +74,13 @@ class Parts:
         if self.projection is not None:
             found["projection"] = self.projection
         found.update({f"discriminator_{p}": d for p, d in self.discriminators.items()})
+        if self.ema is not None:  # not trained itself, but checkpointed with them
+            found["ema"] = self.ema
         return found
+
+    def result(self) -> StructuredVAE:
+        """The model a run keeps: the weights' moving average when there is one, else the VAE."""
+        return self.ema if self.ema is not None else self.model
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"model": self.model, **self.helpers()}
@@ -94,6 +102,8 @@ def build_parts(cfg: Config, classes: int, device: torch.device) -> Parts:
     """Modules and optimisers for a config; `classes` is the number of training characters."""
     model = StructuredVAE(ModelConfig.from_config(cfg)).to(device)
     parts = Parts(model)
+    if cfg.ema_decay > 0:
+        parts.ema = copy.deepcopy(model).requires_grad_(False)
     # On a GPU the optimiser updates every parameter in one fused kernel (the same update rule, fewer
     # launches: a small network's step is bound by launches there); elsewhere torch's default.
     fused = True if device.type == "cuda" else None
@@ -180,11 +190,27 @@ def update(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, ramp
     grads = [p.grad for group in parts.optimizer.param_groups for p in group["params"] if p.grad is not None]
     terms["grad_norm"] = torch.nn.utils.get_total_norm(grads)
     parts.optimizer.step()
+    if parts.ema is not None:
+        average_weights(parts.ema, parts.model, cfg.ema_decay)
 
     for _ in range(cfg.disc_steps if parts.discriminators else 0):
         terms["disc"] = discriminator_step(parts, cfg, out)
     terms["loss"] = loss
     return {k: v.detach().float() for k, v in terms.items()}
+
+
+def average_weights(average: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """average <- decay * average + (1 - decay) * model, for every parameter and floating-point
+    buffer (the batch norms' running statistics); integer buffers are copied. An exponential moving
+    average of the weights (Polyak and Juditsky 1992; as the mean teacher of Tarvainen and Valpola
+    2017 keeps it): it smooths the last steps' noise out of the weights at no cost to training."""
+    with torch.no_grad():
+        pairs = list(zip(average.state_dict().values(), model.state_dict().values()))
+        floats = [(a, m) for a, m in pairs if a.is_floating_point()]
+        torch._foreach_lerp_([a for a, _ in floats], [m for _, m in floats], 1.0 - decay)
+        for a, m in pairs:
+            if not a.is_floating_point():
+                a.copy_(m)
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -626,7 +652,7 @@ def _train(cfg: Config, run_dir: Path, data_dir, cache_dir, resume: bool, progre
         means = train_epoch(parts, cfg, images, label, plan, epoch, schedule, progress)
         record = {"epoch": epoch + 1, "seconds": round(time.time() - epoch_start, 2), **means}
         if process.master:
-            record.update(validate(parts.model, val_images, precision=cfg.precision))
+            record.update(validate(parts.result(), val_images, precision=cfg.precision))
         save_checkpoint(run_dir, parts, record)
         if progress:
             shown = ", ".join(f"{k} {record[k]:.2f}" for k in ("recon", "val_recon", "contrastive") if k in record)

@@ -40,6 +40,8 @@ def test_overrides_are_typed():
     (["sample_kl=inf"], "sample_kl must be a finite number, got inf"),
     (["warmup_epochs=-1"], "warmup_epochs must be >= 0, got -1.0"),
     (["lr_min_ratio=2"], "lr_min_ratio must be between 0 and 1, got 2.0"),
+    (["ema_decay=1"], "ema_decay must be below 1 (0 turns the average off), got 1.0"),
+    (["ema_decay=-0.1"], "ema_decay must be >= 0, got -0.1"),
     (["disc_label_smoothing=1"], "disc_label_smoothing must be below 1, got 1.0"),
     (["device=banana"], "device must be auto, cpu, cuda or cuda:N, got 'banana'"),
     (["device=cuda:x"], "device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
@@ -53,7 +55,7 @@ def test_overrides_are_typed():
     (["precision=fp16"], "precision must be one of fp32, bf16, auto, got 'fp16'"),
     (["compile=maybe"], "compile expects bool, got 'maybe'"),
     (["compile_mode=fast"], "compile_mode must be one of default, reduce-overhead, max-autotune, got 'fast'"),
-    (["encoder=resnet"], "encoder must be one of conv, conv4, got 'resnet'"),
+    (["encoder=vit"], "encoder must be one of conv, resnet, conv4, got 'vit'"),
     (["proto_weight=-1"], "proto_weight must be >= 0, got -1.0"),
     (["proto_temperature=0"], "proto_temperature must be > 0, got 0.0"),
     (["proto_weight=1", "group_size=1"], "proto_weight needs group_size >= 2 and groups >= 2"),
@@ -175,7 +177,7 @@ def test_seed_preset_is_the_seed_design():
 def test_deeper_stacks_are_settable_and_checked():
     cfg = make_config("default", ["encoder_blocks=2", "decoder_blocks=3"])
     assert (cfg.encoder_blocks, cfg.decoder_blocks) == (2, 3)
-    with pytest.raises(ConfigError, match=re.escape("encoder_blocks=2 is for encoder=conv, got encoder='conv4' (set encoder_blocks=1 with it)")):
+    with pytest.raises(ConfigError, match=re.escape("encoder_blocks=2 is for encoder=conv or resnet, got encoder='conv4' (set encoder_blocks=1 with it)")):
         make_config("default", ["encoder=conv4", "encoder_blocks=2"])
     with pytest.raises(ConfigError, match="decoder_blocks must be >= 1, got 0"):
         make_config("default", ["decoder_blocks=0"])

@@ -5,13 +5,14 @@ import socket
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import omnivae
 from fixtures import synthetic_omniglot
 from omnivae.config import ConfigError, make_config
-from omnivae.model import (Discriminator, ModelConfig, Noise, StructuredVAE, StyleAdversary, conv4_sizes, feature_sizes,
-                           fold_batch_norm)
+from omnivae.model import (Discriminator, ModelConfig, Noise, ResidualBlock, StructuredVAE, StyleAdversary, conv4_sizes,
+                           feature_sizes, fold_batch_norm)
 from omnivae.train import train
 
 
@@ -150,8 +151,8 @@ def test_the_decoder_does_not_depend_on_the_encoder():
 
 
 def test_unknown_encoder_is_one_clear_error():
-    with pytest.raises(ConfigError, match="encoder must be one of conv, conv4, got 'resnet'"):
-        ModelConfig(encoder="resnet")
+    with pytest.raises(ConfigError, match="encoder must be one of conv, resnet, conv4, got 'vit'"):
+        ModelConfig(encoder="vit")
 
 
 def test_grouped_forward_shares_content_within_groups_only():
@@ -492,10 +493,43 @@ def test_deeper_stacks_keep_the_one_block_model_and_refuse_conv4():
     torch.manual_seed(0)
     same = StructuredVAE(small(encoder_blocks=1, decoder_blocks=1))
     assert_same_state(one, same)
-    with pytest.raises(ConfigError, match=re.escape("encoder_blocks=2 is for encoder=conv, got encoder='conv4' (set encoder_blocks=1 with it)")):
+    with pytest.raises(ConfigError, match=re.escape("encoder_blocks=2 is for encoder=conv or resnet, got encoder='conv4' (set encoder_blocks=1 with it)")):
         small(encoder="conv4", encoder_blocks=2)
     with pytest.raises(ValueError, match="decoder_blocks must be >= 1, got 0"):
         small(decoder_blocks=0)
+
+
+@pytest.mark.parametrize("encoder_blocks", [1, 2, 3])
+def test_resnet_encoder_adds_residual_blocks_at_each_level(encoder_blocks):
+    """encoder=resnet: the conv encoder's levels (28, 14, 7 px at 4, 8, 16 channels), each level's first
+    block followed by encoder_blocks - 1 residual blocks of two 3x3 convolutions; one block per level is
+    the conv encoder itself."""
+    model = StructuredVAE(small(encoder="resnet", encoder_blocks=encoder_blocks)).eval()
+    blocks = [m for m in model.features if isinstance(m, ResidualBlock)]
+    seen = []
+    for block in blocks:
+        block.register_forward_hook(lambda m, i, o, seen=seen: seen.append((o.shape[1], o.shape[-1])))
+    with torch.no_grad():
+        q = model.posterior(torch.rand(2, 1, 28, 28))
+    extra = encoder_blocks - 1
+    assert seen == [(4, 28)] * extra + [(8, 14)] * extra + [(16, 7)] * extra
+    assert q.content_mean.shape == (2, 6) and len(model.features) == 3 * encoder_blocks
+    if encoder_blocks == 1:
+        torch.manual_seed(0)
+        conv = StructuredVAE(small())
+        torch.manual_seed(0)
+        assert_same_state(conv, StructuredVAE(small(encoder="resnet")))
+
+
+def test_residual_block_adds_its_branch_to_its_input():
+    """relu(h + branch(h)): with the branch's last batch norm scaled to 0 the block is relu(h)."""
+    torch.manual_seed(0)
+    block = ResidualBlock(4).eval()
+    h = torch.randn(2, 4, 7, 7)
+    with torch.no_grad():
+        assert torch.allclose(block(h), F.relu(h + block.branch(h)))
+        block.branch[-1].weight.zero_(), block.branch[-1].bias.zero_()
+        assert torch.equal(block(h), F.relu(h))
 
 
 def test_resnet_decoder_with_refine_blocks_decodes():
@@ -505,6 +539,7 @@ def test_resnet_decoder_with_refine_blocks_decodes():
 
 
 @pytest.mark.parametrize("overrides", [{}, {"decoder": "resnet", "encoder_blocks": 2}, {"decoder_blocks": 2},
+                                       {"encoder": "resnet", "encoder_blocks": 2},
                                        {"decoder": "pixelcnn", "pixelcnn_layers": 2, "pixelcnn_channels": 4}])
 def test_folded_batch_norm_computes_what_the_model_computes_in_eval_mode(overrides):
     """Each conv or transposed conv that a batch norm follows absorbs it: the copy gives the eval-mode

@@ -6,12 +6,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import omnivae
 from fixtures import synthetic_omniglot
 from omnivae.config import ConfigError, make_config
-from omnivae.train import build_parts, load_state, train, train_step
+from omnivae.train import average_weights, build_parts, load_state, train, train_step
 
 
 def tiny_config(**overrides):
@@ -157,7 +158,8 @@ def test_refuses_to_overwrite_a_trained_run(tmp_path, synthetic):
         train(tiny_config(), tmp_path / "run", dataset=synthetic, progress=False)
 
 
-@pytest.mark.parametrize("overrides", [dict(), dict(content_regularizer="adversarial", style_adversary_weight=1.0)])
+@pytest.mark.parametrize("overrides", [dict(), dict(content_regularizer="adversarial", style_adversary_weight=1.0),
+                                       dict(ema_decay=0.9)])
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, synthetic, monkeypatch, overrides):
     straight = train(tiny_config(epochs=2, **overrides), tmp_path / "straight", dataset=synthetic, progress=False)
 
@@ -181,6 +183,34 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, synthet
         for key in helpers[0][name]:
             torch.testing.assert_close(helpers[0][name][key], helpers[1][name][key], msg=f"{name}.{key}")
     assert len((tmp_path / "half" / "log.jsonl").read_text().splitlines()) == 2
+
+
+def test_average_weights_moves_each_float_tensor_a_share_of_the_way_and_copies_counters():
+    torch.manual_seed(0)
+    model, average = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+    with torch.no_grad():
+        model.weight.fill_(1.0), average.weight.fill_(0.0)
+        model.running_mean.fill_(2.0), average.running_mean.fill_(4.0)
+    model.num_batches_tracked.fill_(7)
+    average_weights(average, model, 0.9)
+    assert torch.allclose(average.weight, torch.full((3,), 0.1))  # 0.9 * 0 + 0.1 * 1
+    assert torch.allclose(average.running_mean, torch.full((3,), 3.8))  # 0.9 * 4 + 0.1 * 2
+    assert int(average.num_batches_tracked) == 7 and torch.equal(model.weight, torch.ones(3))
+
+
+def test_ema_run_keeps_the_average_as_its_model(tmp_path, synthetic):
+    """ema_decay: every step moves the average toward the trained weights; model.safetensors (what
+    evaluate and omnivae.load read) is the average, the checkpoint keeps both."""
+    run = train(tiny_config(epochs=2, ema_decay=0.5), tmp_path / "run", dataset=synthetic, progress=False)
+    state = torch.load(run / "train_state.pt", weights_only=True)
+    loaded = omnivae.load(run).state_dict()
+    for key, value in state["modules"]["ema"].items():
+        torch.testing.assert_close(loaded[key], value, msg=key)
+    trained = state["model"]
+    assert any(not torch.allclose(trained[k], loaded[k]) for k in trained if trained[k].is_floating_point())
+    # Without it the run's model is the trained weights, as before.
+    plain = train(tiny_config(epochs=2), tmp_path / "plain", dataset=synthetic, progress=False)
+    assert "ema" not in torch.load(plain / "train_state.pt", weights_only=True)["modules"]
 
 
 def test_resume_restores_optimiser_and_discriminator(tmp_path, synthetic):
