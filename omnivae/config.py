@@ -90,7 +90,7 @@ class Config:
     decay_decoder: bool = True  # with weight_decay: the decoder's weights decay too; false: only the encoder's (and its helpers')
     lr_min_ratio: float = 0.1  # cosine schedule ends at lr * this
     warmup_epochs: float = 0.0  # linear warm-up of the regulariser weights, in epochs
-    ema_decay: float = 0.0  # keep an exponential moving average of the VAE's weights (each step: average <- decay * average + (1 - decay) * weights); the run's model is the average. 0 turns it off
+    ema_decay: float = 0.0  # keep an exponential moving average of the VAE's weights (each step: average <- decay * average + (1 - decay) * weights); the run's model is the average, its batch norm statistics recomputed after the last epoch. 0 turns it off
     seed: int = 0  # seeds Python, NumPy and torch
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: each process's own GPU)
     threads: int = 0  # torch CPU threads; 0 leaves torch's default

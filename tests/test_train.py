@@ -12,7 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import omnivae
 from fixtures import synthetic_omniglot
 from omnivae.config import ConfigError, make_config
-from omnivae.train import average_weights, build_parts, load_state, train, train_step
+from omnivae.model import ModelConfig, StructuredVAE
+from omnivae.train import average_weights, build_parts, load_state, refresh_batch_norm, train, train_step
 
 
 def tiny_config(**overrides):
@@ -196,6 +197,22 @@ def test_average_weights_moves_each_float_tensor_a_share_of_the_way_and_copies_c
     assert torch.allclose(average.weight, torch.full((3,), 0.1))  # 0.9 * 0 + 0.1 * 1
     assert torch.allclose(average.running_mean, torch.full((3,), 3.8))  # 0.9 * 4 + 0.1 * 2
     assert int(average.num_batches_tracked) == 7 and torch.equal(model.weight, torch.ones(3))
+
+
+def test_refresh_batch_norm_recomputes_the_statistics_from_the_drawings():
+    """After the refresh the first batch norm's running mean is the mean of the first convolution's
+    outputs over all the drawings (equal batches: the mean of the batch means), whatever it was."""
+    torch.manual_seed(0)
+    model = StructuredVAE(ModelConfig(channels=4, hidden=16, content_dim=4, style_dim=2))
+    conv, norm = model.features[0][0], model.features[0][1]
+    with torch.no_grad():
+        norm.running_mean.fill_(100.0), norm.running_var.fill_(100.0)
+    images = torch.rand(256, 1, 28, 28)
+    refresh_batch_norm(model, images, batch=128)
+    with torch.no_grad():
+        expected = conv(images).mean(dim=(0, 2, 3))
+    torch.testing.assert_close(norm.running_mean, expected, rtol=1e-4, atol=1e-5)
+    assert norm.momentum == 0.1 and float(norm.running_var.max()) < 10.0
 
 
 def test_ema_run_keeps_the_average_as_its_model(tmp_path, synthetic):
