@@ -221,19 +221,15 @@ def refresh_batch_norm(model: StructuredVAE, images: torch.Tensor, batch: int = 
     Izmailov et al. 2018; `torch.optim.swa_utils.update_bn`). On the validation alphabets an
     average over about 500 steps (ema_decay=0.998) scored 20-way 0.65 with averaged statistics and
     0.88 with recomputed ones (README, "Encoder depth, learning rate and weight averaging")."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the batches
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0)).to(images.device)
     model.train()
-    with torch.no_grad():
+    with torch.no_grad(), batch_norm_momentum(model, None) as norms:  # None: a cumulative average over the batches
+        for m in norms:
+            m.reset_running_stats()
         for i in range(0, len(images), batch):
-            q = model.posterior(images[order[i : i + batch]])
-            model.decode_logits(q.content_mean, q.style_mean, images[order[i : i + batch]], q.detail_mean)
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
+            x = images[order[i : i + batch]]
+            q = model.posterior(x)
+            model.decode_logits(q.content_mean, q.style_mean, x, q.detail_mean)
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -350,19 +346,25 @@ def _loss(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, ramp:
 
 
 @contextlib.contextmanager
+def batch_norm_momentum(module: torch.nn.Module, momentum: float | None):
+    """Every batch norm inside `module` with this momentum for the duration (None: a cumulative
+    average of the batches' statistics), as it was afterwards; yields the batch norms."""
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = momentum
+    try:
+        yield norms
+    finally:
+        for m, kept in zip(norms, saved):
+            m.momentum = kept
+
+
 def running_statistics_kept(module: torch.nn.Module):
     """Batch norm inside normalises with the batch's own statistics as in training, but its running
     statistics (what evaluation normalises with) stay as they are: momentum 0 for the duration. For
     passes over images that are not data, such as decodings."""
-    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, momentum in zip(norms, saved):
-            m.momentum = momentum
+    return batch_norm_momentum(module, 0.0)
 
 
 def train_step(parts: Parts, cfg: Config, x: torch.Tensor, label: torch.Tensor, ramp: float = 1.0) -> dict:
