@@ -44,24 +44,27 @@ from omnivae.registry import METRICS
 # The table's columns: metric keys, headed by their registry labels, then training time.
 COLUMNS = [(key, METRICS[key].label) for key in (
     "content_20way_1shot", "content_5way_1shot", "content_20way_5shot", "style_20way_1shot", "content_kmeans_accuracy",
-    "content_nmi", "content_alphabet_kmeans_accuracy", "classifier_accuracy", "recon_consistency", "swap_consistency",
+    "content_nmi", "content_alphabet_kmeans_accuracy", "content_views_20way_1shot", "content_views_kmeans_accuracy",
+    "classifier_accuracy", "recon_consistency", "swap_consistency",
     "style_character_rate", "style_effect", "nll_iwae", "set_nll_5", "kl_content", "kl_style")]
 COLUMNS.append(("train_seconds", "train s"))  # from the run info, not a metric
 
 
 def quick_metrics(run_dir: Path, data_dir, cache_dir, split: str) -> dict:
-    """The code-structure metrics of `omnivae evaluate` (few-shot, clustering, prior match, KL)
-    on the split, without likelihood, swaps or figures."""
+    """The code-structure metrics of `omnivae evaluate` (few-shot, clustering, prior match, KL, and
+    the content codes read in the turned views) on the split, without likelihood, swaps or figures."""
     import torch
 
     from omnivae import rundir
-    from omnivae.evaluate import PROTOCOL_VERSION, code_metrics, encode_all, load_split
+    from omnivae.evaluate import PROTOCOL_VERSION, code_metrics, encode_all, load_split, view_metrics
+    from omnivae.train import new_character_kinds
 
     cfg = rundir.read_config(run_dir)
     model = rundir.load(run_dir, "cuda" if torch.cuda.is_available() else "cpu")
     test = load_split(cfg, split, data_dir, cache_dir, progress=False)
     out = {"protocol_version": PROTOCOL_VERSION, "split": split}
     out.update(code_metrics(encode_all(model, test.tensors()), test, cfg.eval_seed, cfg.episodes))
+    out.update(view_metrics(model, test, test.tensors(), new_character_kinds(cfg), cfg.eval_seed, cfg.episodes))
     rundir.write_metrics(run_dir, out)
     return out
 
@@ -225,6 +228,8 @@ VARIANTS: dict[str, dict] = {
     "lr2e3": {"lr": 2e-3},  # twice the learning rate
     "ema995": {"ema_decay": 0.995},  # the run's model is a moving average of its weights (about 200 steps)
     "ema998": {"ema_decay": 0.998},  # the same over about 500 steps
+    "hid512": {"hidden": 512},  # twice the fully connected layer before the heads (and after the codes)
+    "cw200": {"contrastive_weight": 200.0},  # twice the contrastive term's weight
 }
 
 

@@ -66,6 +66,19 @@ def paired(uniform: torch.Tensor, group_size: int) -> torch.Tensor:
     return pairs[:, :1].expand_as(pairs).reshape(uniform.shape)
 
 
+def turned_views(images: torch.Tensor, kinds: int) -> list[torch.Tensor]:
+    """The `kinds` views of each drawing that training with turned characters names as characters
+    of their own (`train.rotate_as_new_characters`), in the order of their labels. kinds = 4: the
+    drawing turned by 0, 90, 180 and 270 degrees (`torch.rot90` on the last two dimensions); 8:
+    those four, then the mirror image (left to right) of each; 2: the drawing and its mirror
+    image; 1: the drawing. images: (B, 1, S, S); returns `kinds` tensors of that shape."""
+    if kinds not in (1, 2, 4, 8):
+        raise ValueError(f"kinds must be 1, 2, 4 or 8, got {kinds}")
+    quarter = 4 if kinds >= 4 else 1  # distinct quarter turns
+    views = [torch.rot90(images, k % quarter, dims=(-2, -1)) for k in range(kinds)]
+    return [v.flip(-1) if k >= quarter else v for k, v in enumerate(views)]
+
+
 def binarize(images: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """Dynamic binarisation: each pixel is 1 with probability its grey level, a fresh draw each
     time a drawing is used (as the likelihood literature on Omniglot trains, e.g. Burda et al.

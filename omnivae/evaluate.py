@@ -27,6 +27,7 @@ from .losses import sampled_kl
 from .model import fold_batch_norm, resolve_device
 from .registry import named
 from .rundir import load
+from .train import new_character_kinds
 
 TSNE_POINTS = 4000  # drawings in the by-alphabet t-SNE maps
 SWAP_CANDIDATES = 15  # characters whose drawings the swap grid picks its 6 visibly different hands from
@@ -235,6 +236,27 @@ def code_metrics(codes: dict, test: omni_data.Omniglot, seed: int, episodes: int
     return results
 
 
+def view_metrics(model, test: omni_data.Omniglot, images: torch.Tensor, kinds: int, seed: int, episodes: int) -> dict:
+    """The content structure measures on the codes read in the drawing's `kinds` turned (and
+    mirrored) views (`metrics.view_codes`): k-means and NMI, per-alphabet k-means, 20- and 5-way
+    1-shot and 20-way 5-shot, on the same streams of `seed` as `code_metrics`, hence on the same
+    episodes as the content means. None for kinds = 1 (a run trained without turned characters,
+    whose encoder never learned the turned views)."""
+    if kinds == 1:
+        return {}
+    streams = metrics.eval_streams(seed)
+    codes = metrics.view_codes(model, images, kinds)  # (N, kinds * Dc)
+    results = {"view_kinds": kinds}
+    results.update(named(metrics.kmeans_scores, metrics.kmeans_scores(codes, test.character, seed=streams["kmeans"]),
+                         codes="content_views"))
+    for ways in (20, 5):
+        results.update(_few_shot("content_views", codes, test, ways, episodes, streams["episodes"]))
+    per_alphabet = metrics.alphabet_kmeans_scores(codes, test.character, test.alphabet, seed=streams["alphabet_kmeans"])
+    results.update(named(metrics.alphabet_kmeans_scores, per_alphabet, codes="content_views"))
+    results.update(_multi_shot("content_views", codes, test, 20, 5, episodes, streams["episodes_5shot"]))
+    return results
+
+
 @torch.no_grad()
 def _sampled_content_kl(model, codes: dict, sampled: np.ndarray, batch: int = 1024) -> float:
     """Mean over images of log q(z | x) - log p(z) at one sampled content code z per image (N, Dc)."""
@@ -385,6 +407,7 @@ def evaluate(
                "test_images": len(test)}
     done("encoded")
     results.update(code_metrics(codes, test, seed, episodes, model))
+    results.update(view_metrics(model, test, images, new_character_kinds(cfg), seed, episodes))
     done("clusters, few-shot, prior match")
     results.update(pixel_baseline(test, seed, cache_dir, episodes))
     done("pixel baseline")

@@ -98,6 +98,27 @@ def encode_images(model, images, batch_size: int = 1024) -> tuple[np.ndarray, np
     return _encoder_pass(model, images, model.encode, batch_size)
 
 
+def view_codes(model, images, kinds: int, batch_size: int = 1024) -> np.ndarray:
+    """Content codes read in the `kinds` turned (and mirrored) views of each drawing: (N, kinds * Dc).
+
+    A model trained with `rotations` (and `reflections`) learned each quarter turn (and mirror
+    image) of a character as a character of its own (Vinyals et al. 2016), so each view of a
+    drawing is one its encoder has learned to name. The code is the content means of the views
+    (`augment.turned_views`), each scaled to length 1, side by side and divided by sqrt(kinds):
+    a unit vector whose cosine with another drawing's is the mean of the views' cosines, and which
+    k-means on these codes clusters by. Test-time augmentation over the transformations the model
+    was trained on; kinds = 1 gives the unit content means. Averaging the views' codes instead
+    would mix eight different characters' codes.
+    images: (N, 1, S, S) in [0, 1] (or uint8). Returns float32 (N, kinds * Dc).
+    """
+    images = _as_images(images)
+    views = []
+    for view in augment.turned_views(images, kinds):
+        content = encode_images(model, view, batch_size)[0]  # (N, Dc)
+        views.append(content / np.maximum(np.linalg.norm(content, axis=1, keepdims=True), 1e-12))
+    return np.concatenate(views, 1) / np.float32(math.sqrt(kinds))  # (N, kinds * Dc)
+
+
 def _all_means(model, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Posterior means (content, style, detail) of images x: `encode`'s two and the detail code's."""
     q = model.posterior(x)

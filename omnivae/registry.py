@@ -13,7 +13,7 @@ beside them, in a module that imports nothing heavy, so reports and `--help` sta
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 HIGHER, LOWER = "higher", "lower"
@@ -31,6 +31,10 @@ PROTO = "Lake et al. 2015; Snell et al. 2017"
 DIGITS = "Alpaydin and Kaynak 1998; Snell et al. 2017"
 SET_NLL = "Bouchacourt et al. 2018; Giannone and Winther 2022; Burda et al. 2016"
 STYLE_EFFECT = "Mathieu et al. 2016; Bouchacourt et al. 2018; Jaccard 1912"
+VIEWS = "Krizhevsky et al. 2012; Vinyals et al. 2016"
+VIEW_CODES = ("the content codes read in the drawing's turned (and mirrored) views, the characters of their own "
+              "that training with `rotations` (and `reflections`) named: unit content means side by side "
+              "(`metrics.view_codes`)")
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,22 @@ _RECORDS: list[Metric] = [
     *_few_shot("content", 20, "20-way 5-shot", "Episodes of 20 characters of one alphabet with 5 support drawers "
                "(each drew every character once for it) and a sixth drawer's queries; each query takes the "
                "character of the nearest prototype, the mean of its 5 unit content means (cosine); chance 0.05.",
+               HIGHER, ("pixel_20way_5shot",), shots=5),
+    # The same structure measures on the content codes read in the turned and mirrored views (runs
+    # trained with rotations or reflections only): test-time augmentation over the training's own turns.
+    Metric("view_kinds", "views", "Views behind the `content_views_*` keys: 4 quarter turns with `rotations`, "
+           "times 2 mirror images with `reflections`.", None, "evaluate.view_metrics", paper=VIEWS),
+    *[replace(m, paper=f"{m.paper}; {VIEWS}")
+      for m in _kmeans("content_views", "views ", VIEW_CODES, "", HIGHER, beside_pixels=True)],
+    Metric("content_views_alphabet_kmeans_accuracy", "views alphabet k-means acc", "The per-alphabet k-means on "
+           f"{VIEW_CODES}.", HIGHER, "metrics.alphabet_kmeans_scores", "accuracy", (("codes", "content_views"),),
+           ("pixel_alphabet_kmeans_accuracy",), paper=f"{HSU}; {VIEWS}"),
+    *_few_shot("content_views", 20, "views 20-way 1-shot", f"The 20-way 1-shot episodes on {VIEW_CODES}; the "
+               "cosine of two such codes is the mean of their views' cosines.", HIGHER,
+               ("pixel_20way_1shot",)),
+    *_few_shot("content_views", 5, "views 5-way 1-shot", f"The 5-way 1-shot episodes on {VIEW_CODES}.", HIGHER,
+               ("pixel_5way_1shot",)),
+    *_few_shot("content_views", 20, "views 20-way 5-shot", f"The 20-way 5-shot episodes on {VIEW_CODES}.",
                HIGHER, ("pixel_20way_5shot",), shots=5),
     *_few_shot("style", 20, "style leakage", "Style leakage: the 20-way episodes on style means; a code of the "
                "hand alone scores chance (0.05), since an episode's supports share one drawer.", LOWER,

@@ -450,17 +450,12 @@ def rotate_as_new_characters(x: torch.Tensor, label: torch.Tensor, group_size: i
     mirrors (turn 1); kinds = 1 changes nothing.
     x: (B, 1, S, S), label: (B,); a group is `group_size` consecutive rows (1: every row).
     turns: (B / group_size,) in [0, kinds) per group, drawn here when None."""
-    if kinds not in (1, 2, 4, 8):
-        raise ValueError(f"kinds must be 1, 2, 4 or 8, got {kinds}")
     if turns is None:
         turns = torch.randint(0, kinds, (len(x) // group_size,), device=x.device)
     turns = turns.repeat_interleave(group_size)  # (B,)
-    quarter = 4 if kinds >= 4 else 1  # distinct quarter turns
     # Every drawing transformed every way, then each one's own transform picked: a gather, where
     # selecting the rows of each kind by a boolean mask would wait for the device to count them.
-    ways = [torch.rot90(x, k % quarter, dims=(2, 3)) for k in range(kinds)]
-    ways = [w.flip(3) if k >= quarter else w for k, w in enumerate(ways)]
-    every = torch.stack(ways, dim=1)  # (B, kinds, 1, S, S)
+    every = torch.stack(augment.turned_views(x, kinds), dim=1)  # (B, kinds, 1, S, S)
     return every[torch.arange(len(x), device=x.device), turns], label * kinds + turns
 
 

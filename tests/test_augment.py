@@ -154,3 +154,25 @@ def test_transfer_pairs_share_each_drawings_distortion(monkeypatch):
     groups = u.view(2, 2, 4, 6)  # (pairs, 2 groups, M drawings, draws)
     assert torch.equal(groups[:, 0], groups[:, 1]) and not torch.equal(groups[0, 0], groups[1, 0])
     assert len(torch.unique(groups[0, 0, :, 0])) == 4  # the drawings of a group differ
+
+
+@pytest.mark.parametrize("kinds", [1, 2, 4, 8])
+def test_turned_views_are_the_turns_and_mirrors_training_names_as_characters(kinds):
+    from omnivae.train import rotate_as_new_characters
+
+    x = torch.zeros(1, 1, 5, 5)
+    x[0, 0, 0, 1] = 1.0  # a mark near the top-left corner shows the turn and the mirror
+    views = augment.turned_views(x, kinds)
+    assert len(views) == kinds
+    marks = {tuple(torch.nonzero(v[0, 0])[0].tolist()) for v in views}
+    assert len(marks) == kinds  # every view a different drawing
+    quarter = 4 if kinds >= 4 else 1
+    for k, view in enumerate(views):
+        expected = torch.rot90(x, k % quarter, dims=(2, 3))
+        torch.testing.assert_close(view, expected.flip(3) if k >= quarter else expected)
+        # The view of label k is the drawing training names character * kinds + k.
+        turned, label = rotate_as_new_characters(x, torch.tensor([3]), 1, torch.tensor([k]), kinds)
+        torch.testing.assert_close(turned, view)
+        assert label.item() == 3 * kinds + k
+    with pytest.raises(ValueError, match="kinds"):
+        augment.turned_views(x, 3)

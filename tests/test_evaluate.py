@@ -127,3 +127,27 @@ def test_evaluate_checks_the_blur_it_is_given(tmp_path):
     for bad in (-0.5, float("inf")):
         with pytest.raises(ConfigError, match="nll_blur must be"):
             evaluate(tmp_path, nll_blur=bad, progress=False)
+
+
+def test_view_metrics_score_the_turned_views_on_the_content_episodes(monkeypatch):
+    from omnivae import metrics
+    from omnivae.evaluate import code_metrics, encode_all, view_metrics
+    from omnivae.registry import METRICS
+
+    data = synthetic_omniglot(characters=24, drawers=8, alphabets=1)
+    model, images = _tiny_model(), data.tensors()
+    assert view_metrics(model, data, images, kinds=1, seed=0, episodes=20) == {}  # trained without turns
+    results = view_metrics(model, data, images, kinds=4, seed=0, episodes=20)
+    views = {key for key in METRICS if key.startswith("content_views_")} | {"view_kinds"}
+    assert set(results) == views and results["view_kinds"] == 4
+    for key in views - {"view_kinds"}:
+        assert results[key] is None or 0 <= results[key] <= 1, key
+    assert view_metrics(model, data, images, kinds=4, seed=0, episodes=20) == results  # seeded
+    # Read in one view, the codes are the content means scaled to length 1: the episodes (cosine)
+    # are the content means' own, so their accuracies are exactly the same.
+    plain = code_metrics(encode_all(model, images), data, 0, 20)
+    one_view = metrics.view_codes
+    monkeypatch.setattr(metrics, "view_codes", lambda model, images, kinds: one_view(model, images, 1))
+    read = view_metrics(model, data, images, kinds=4, seed=0, episodes=20)
+    for key in ("20way_1shot", "5way_1shot", "20way_5shot", "20way_1shot_ci95"):
+        assert read[f"content_views_{key}"] == plain[f"content_{key}"], key

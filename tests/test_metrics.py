@@ -1236,3 +1236,42 @@ def test_swap_judge_scores_a_detail_models_whole_reconstructions():
         swapped = judge.predict(model.decode(content[a], style[b]))
     assert result["reconstruction_accuracy"] == pytest.approx(np.mean(whole == character[a]))
     assert result["swap_consistency"] == pytest.approx(np.mean(swapped == character[a]))
+
+
+# ---- content codes read in turned views ------------------------------------------------------
+
+
+class PixelEncoder(nn.Module):
+    """encode(x) = (two fixed pixels of the drawing, nothing): a known content code for each view."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1))
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    def encode(self, x):
+        return torch.stack([x[:, 0, 0, 0], x[:, 0, 0, 1]], 1) + 0.1, x.new_zeros(len(x), 1)  # (N, 2), (N, 1)
+
+
+def test_view_codes_are_the_unit_codes_of_each_view_side_by_side():
+    from omnivae import augment
+
+    torch.manual_seed(0)
+    images = torch.rand(5, 1, 4, 4)
+    model = PixelEncoder().train()
+    for kinds in (1, 2, 4, 8):
+        codes = metrics.view_codes(model, images, kinds)
+        assert codes.shape == (5, 2 * kinds) and codes.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(codes, axis=1), 1.0, rtol=1e-6)
+        for k, view in enumerate(augment.turned_views(images, kinds)):
+            content = model.encode(view)[0].detach().numpy()
+            expected = content / np.linalg.norm(content, axis=1, keepdims=True) / math.sqrt(kinds)
+            np.testing.assert_allclose(codes[:, 2 * k:2 * k + 2], expected, rtol=1e-5)
+        # The cosine of two view codes is the mean over views of the views' cosines.
+        cosines = [F.cosine_similarity(model.encode(v)[0][:1], model.encode(v)[0][1:2]).item()
+                   for v in augment.turned_views(images, kinds)]
+        assert float(codes[0] @ codes[1]) == pytest.approx(np.mean(cosines), rel=1e-5)
+    assert model.training  # the mode is put back

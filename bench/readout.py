@@ -1,0 +1,97 @@
+"""How the content means are read for clustering and few-shot: raw, on the unit sphere, centred first.
+
+    python bench/readout.py RUN_DIR [RUN_DIR ...] [--split validation] [--data-dir D] [--cache-dir C]
+                                    [--episodes 1000]
+
+The codes' own numbers do not change here, only how they are read. `omnivae evaluate` clusters
+the raw content means with Euclidean k-means and runs the few-shot episodes with cosine
+similarity. The contrastive term trains the means' directions (it compares unit vectors,
+Khosla et al. 2020), while the KL pulls their lengths toward the prior's. For every run the
+script scores, on the same streams as `evaluate`:
+
+- `raw`: the means as they are (k-means as `evaluate` does it; episodes by cosine, as `evaluate`);
+- `unit`: each mean scaled to length 1 (k-means on the sphere, spherical k-means in the sense of
+  Dhillon and Modha 2001 up to its centroid step; the episodes do not change: cosine ignores length);
+- `centred`: the mean code of the run's training drawings subtracted first, then scaled to length
+  1 (CL2N of SimpleShot, Wang et al. 2019): episodes by cosine and k-means on the result;
+- `views`: `metrics.view_codes`, what `evaluate` reports as `content_views_*`: the unit content
+  means of the drawing turned by 0, 90, 180 and 270 degrees and of the mirror image of each turn
+  (for a run trained with `rotations` and `reflections`), side by side and divided by sqrt(8):
+  the cosine of two such codes is the mean of the eight views' cosines. Training made every
+  turned and mirrored character a character of its own, so each view is one the encoder learned
+  to name (test-time augmentation);
+- `views_mean`: the mean of those unit means, a code of the content code's own size.
+
+Raw pixels get the same three readouts (centred on the training drawings' mean image) as a
+reference. One line per run and readout, then the mean over runs.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from omnivae import data, evaluate, metrics, rundir
+from omnivae.train import new_character_kinds
+
+
+def unit(codes: np.ndarray) -> np.ndarray:
+    return codes / np.maximum(np.linalg.norm(codes, axis=1, keepdims=True), 1e-12)
+
+
+def scores(codes: np.ndarray, test: data.Omniglot, seed: int, episodes: int) -> dict[str, float]:
+    streams = metrics.eval_streams(seed)
+    km = metrics.kmeans_scores(codes, test.character, seed=streams["kmeans"])
+    per_alphabet = metrics.alphabet_kmeans_scores(codes, test.character, test.alphabet, seed=streams["alphabet_kmeans"])
+    shot = metrics.few_shot_accuracy(codes, test.character, test.alphabet, test.drawer, 20, episodes, streams["episodes"])
+    return {"20way": shot["accuracy"], "kmeans": km["accuracy"], "nmi": km["nmi"],
+            "alphabet_kmeans": per_alphabet["accuracy"]}
+
+
+def readouts(codes: np.ndarray, train_mean: np.ndarray) -> dict[str, np.ndarray]:
+    return {"raw": codes, "unit": unit(codes), "centred": unit(codes - train_mean)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--split", default="validation", choices=tuple(evaluate.SPLITS))
+    p.add_argument("--data-dir")
+    p.add_argument("--cache-dir")
+    p.add_argument("--episodes", type=int, default=1000)
+    args = p.parse_args()
+    table: dict[str, list[dict]] = {}
+    pixels_done = False
+    for run in map(Path, args.runs):
+        model, cfg = rundir.load(run), rundir.read_config(run)
+        test = evaluate.load_split(cfg, args.split, args.data_dir, args.cache_dir, progress=False)
+        background = data.load_set("background", cfg.image_size, args.data_dir, args.cache_dir, progress=False)
+        train = data.split_by_alphabet(background, cfg.val_alphabets)[0] if cfg.val_holdout else background
+        train = train.subset(~np.isin(train.drawer, cfg.val_drawers))  # the drawings training saw
+        content = evaluate.encode_all(model, test.tensors())["content_mean"]  # (N, Dc)
+        train_content = evaluate.encode_all(model, train.tensors())["content_mean"]  # (M, Dc)
+        kinds = new_character_kinds(cfg)
+        turned = metrics.view_codes(model, test.tensors(), kinds)  # (N, kinds * Dc)
+        views = {**readouts(content, train_content.mean(0)), "views": turned,
+                 "views_mean": turned.reshape(len(test), kinds, -1).mean(1)}
+        for name, codes in views.items():
+            row = scores(codes, test, cfg.eval_seed, args.episodes)
+            table.setdefault(name, []).append(row)
+            print(run.name, name, " ".join(f"{k} {v:.4f}" for k, v in row.items()), flush=True)
+        if not pixels_done:  # the same for every run of one split and eval seed
+            pixels = test.images.reshape(len(test), -1).astype(np.float64) / 255.0
+            train_pixels = train.images.reshape(len(train), -1).astype(np.float64) / 255.0
+            for name, codes in readouts(pixels, train_pixels.mean(0)).items():
+                row = scores(codes, test, cfg.eval_seed, args.episodes)
+                print("pixels", name, " ".join(f"{k} {v:.4f}" for k, v in row.items()), flush=True)
+            pixels_done = True
+    print(f"mean over {len(args.runs)} runs ({args.split}):")
+    for name, rows in table.items():
+        keys = rows[0].keys()
+        print(name, " ".join(f"{k} {np.mean([r[k] for r in rows]):.4f} ± {np.std([r[k] for r in rows], ddof=1) if len(rows) > 1 else 0:.4f}"
+                             for k in keys))
+
+
+if __name__ == "__main__":
+    main()
