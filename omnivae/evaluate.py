@@ -50,7 +50,7 @@ FOLDER_SPLIT = ("{classes} held-out classes of an image folder (test_classes); n
 
 
 @torch.no_grad()
-def encode_all(model, images: torch.Tensor, batch: int = 1024) -> dict[str, np.ndarray]:
+def encode_all(model, images: torch.Tensor, batch: int = metrics.ENCODE_BATCH) -> dict[str, np.ndarray]:
     """Posterior means and log-variances of every image, as float64 arrays (and the detail code's,
     for a model with one)."""
     names = ("content_mean", "content_logvar", "style_mean", "style_logvar")
@@ -240,7 +240,7 @@ def view_metrics(model, test: omni_data.Omniglot, images: torch.Tensor, kinds: i
     """The content structure measures on the codes read in the drawing's `kinds` turned (and
     mirrored) views (`metrics.view_codes`): k-means and NMI, per-alphabet k-means, 20- and 5-way
     1-shot and 20-way 5-shot, on the same streams of `seed` as `code_metrics`, hence on the same
-    episodes as the content means. None for kinds = 1 (a run trained without turned characters,
+    episodes as the content means. No keys for kinds = 1 (a run trained without turned characters,
     whose encoder never learned the turned views)."""
     if kinds == 1:
         return {}

