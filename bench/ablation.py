@@ -229,7 +229,6 @@ VARIANTS: dict[str, dict] = {
     "ema995": {"ema_decay": 0.995},  # the run's model is a moving average of its weights (about 200 steps)
     "ema998": {"ema_decay": 0.998},  # the same over about 500 steps
     "hid512": {"hidden": 512},  # twice the fully connected layer before the heads (and after the codes)
-    "cw200": {"contrastive_weight": 200.0},  # twice the contrastive term's weight
 }
 
 

@@ -110,8 +110,7 @@ def test_named_variants_give_their_settings_and_build_valid_configs(ablation):
         cfg = make_config("default", module.parse_variant(name)[1])
         assert cfg.encoder == ("conv4" if "conv4" in name else "resnet" if name.startswith("resenc") else "conv")
         assert cfg.proto_weight == (10.0 if "proto" in name else 0.0)
-        assert cfg.contrastive_weight == (0.0 if name == "proto_only" or name.startswith("plain_vae") else
-                                              200.0 if name == "cw200" else 100.0)
+        assert cfg.contrastive_weight == (0.0 if name == "proto_only" or name.startswith("plain_vae") else 100.0)
         assert (cfg.group_size == 1) == name.startswith("plain_vae")  # a plain VAE: no groups
         assert (cfg.detail_dim > 0) == name.startswith("detail")
 
