@@ -36,10 +36,6 @@ from omnivae import data, evaluate, metrics, rundir
 from omnivae.train import new_character_kinds
 
 
-def unit(codes: np.ndarray) -> np.ndarray:
-    return codes / np.maximum(np.linalg.norm(codes, axis=1, keepdims=True), 1e-12)
-
-
 def scores(codes: np.ndarray, test: data.Omniglot, seed: int, episodes: int) -> dict[str, float]:
     streams = metrics.eval_streams(seed)
     km = metrics.kmeans_scores(codes, test.character, seed=streams["kmeans"])
@@ -50,7 +46,7 @@ def scores(codes: np.ndarray, test: data.Omniglot, seed: int, episodes: int) -> 
 
 
 def readouts(codes: np.ndarray, train_mean: np.ndarray) -> dict[str, np.ndarray]:
-    return {"raw": codes, "unit": unit(codes), "centred": unit(codes - train_mean)}
+    return {"raw": codes, "unit": metrics.unit_rows(codes), "centred": metrics.unit_rows(codes - train_mean)}
 
 
 def main() -> None:
@@ -69,10 +65,11 @@ def main() -> None:
         background = data.load_set("background", cfg.image_size, args.data_dir, args.cache_dir, progress=False)
         train = data.split_by_alphabet(background, cfg.val_alphabets)[0] if cfg.val_holdout else background
         train = train.subset(~np.isin(train.drawer, cfg.val_drawers))  # the drawings training saw
-        content = evaluate.encode_all(model, test.tensors())["content_mean"]  # (N, Dc)
+        images = test.tensors()  # (N, 1, S, S)
+        content = evaluate.encode_all(model, images)["content_mean"]  # (N, Dc)
         train_content = evaluate.encode_all(model, train.tensors())["content_mean"]  # (M, Dc)
         kinds = new_character_kinds(cfg)
-        turned = metrics.view_codes(model, test.tensors(), kinds)  # (N, kinds * Dc)
+        turned = metrics.view_codes(model, images, kinds)  # (N, kinds * Dc)
         views = {**readouts(content, train_content.mean(0)), "views": turned,
                  "views_mean": turned.reshape(len(test), kinds, -1).mean(1)}
         for name, codes in views.items():

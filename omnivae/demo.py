@@ -33,7 +33,7 @@ from PIL import Image
 
 from . import data as omni_data
 from . import generate
-from .metrics import against_groups, stroke_measures
+from .metrics import against_groups, stroke_measures, unit_rows
 from .rundir import load, read_config
 
 MAX_BODY = 2 * 1024 * 1024  # bytes a request may carry: a drawing as a PNG data URI is ~10-50 kB
@@ -235,8 +235,7 @@ def move_style(style: np.ndarray, coordinates: np.ndarray, mean: np.ndarray, dir
 
 def nearest(code: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows of the k gallery codes (G, D) most similar to code (D,) by cosine, and the similarities."""
-    g = gallery / np.maximum(np.linalg.norm(gallery, axis=1, keepdims=True), 1e-12)  # (G, D)
-    similarity = g @ (code / max(np.linalg.norm(code), 1e-12))  # (G,)
+    similarity = unit_rows(gallery) @ unit_rows(code)  # (G,)
     order = np.argsort(-similarity, kind="stable")[:k]
     return order, similarity[order]
 

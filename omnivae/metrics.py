@@ -88,6 +88,11 @@ def _as_numpy(array) -> np.ndarray:
     return np.asarray(array)
 
 
+def unit_rows(codes: np.ndarray) -> np.ndarray:
+    """Each vector along the last axis scaled to length 1 (zero vectors stay 0): what a cosine compares."""
+    return codes / np.maximum(np.linalg.norm(codes, axis=-1, keepdims=True), 1e-12)
+
+
 # Drawings per encoder pass. Each drawing's code does not depend on its batch (eval mode), and on a
 # CPU small batches stay in cache: 128 encodes about twice as fast as 1,024 on a 2-core AMD EPYC.
 ENCODE_BATCH = 128
@@ -120,7 +125,7 @@ def view_codes(model, images, kinds: int, batch_size: int = ENCODE_BATCH) -> np.
     views = []
     for view in augment.turned_views(images, kinds):
         content = encode_images(model, view, batch_size)[0]  # (N, Dc)
-        views.append(content / np.maximum(np.linalg.norm(content, axis=1, keepdims=True), 1e-12))
+        views.append(unit_rows(content))
     return np.concatenate(views, 1) / np.float32(math.sqrt(kinds))  # (N, kinds * Dc)
 
 
@@ -422,7 +427,7 @@ def _few_shot_correct(codes, support, query, seed=0, chunk: int = 100) -> np.nda
     bound memory; the result does not depend on `chunk`.
     """
     codes = _as_numpy(codes).astype(np.float64)  # (N, D)
-    codes = codes / np.maximum(np.linalg.norm(codes, axis=1, keepdims=True), 1e-12)  # unit rows; zeros stay 0
+    codes = unit_rows(codes)  # zeros stay 0
     support, query = _as_numpy(support), _as_numpy(query)
     episodes, ways = support.shape[:2]
     keys = np.random.default_rng(seed).random((episodes, ways, ways))  # (E, W queries, W supports)
@@ -431,7 +436,7 @@ def _few_shot_correct(codes, support, query, seed=0, chunk: int = 100) -> np.nda
         s = codes[support[start:start + chunk]]  # (e, W, D), or (e, W, K, D) with K supports each
         if s.ndim == 4:  # prototypes: mean unit support code, made unit again
             s = s.mean(2)  # (e, W, D)
-            s = s / np.maximum(np.linalg.norm(s, axis=-1, keepdims=True), 1e-12)
+            s = unit_rows(s)
         q = codes[query[start:start + chunk]]  # (e, W, D)
         similarity = q @ s.transpose(0, 2, 1)  # (e, W queries, W supports)
         best = similarity.max(-1, keepdims=True)  # (e, W, 1)
