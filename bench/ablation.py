@@ -63,8 +63,11 @@ def quick_metrics(run_dir: Path, data_dir, cache_dir, split: str) -> dict:
     model = rundir.load(run_dir, "cuda" if torch.cuda.is_available() else "cpu")
     test = load_split(cfg, split, data_dir, cache_dir, progress=False)
     out = {"protocol_version": PROTOCOL_VERSION, "split": split}
-    out.update(code_metrics(encode_all(model, test.tensors()), test, cfg.eval_seed, cfg.episodes))
-    out.update(view_metrics(model, test, test.tensors(), new_character_kinds(cfg), cfg.eval_seed, cfg.episodes))
+    images = test.tensors()  # (N, 1, S, S)
+    codes = encode_all(model, images)
+    out.update(code_metrics(codes, test, cfg.eval_seed, cfg.episodes))
+    out.update(view_metrics(model, test, images, new_character_kinds(cfg), cfg.eval_seed, cfg.episodes,
+                            codes["content_mean"]))
     rundir.write_metrics(run_dir, out)
     return out
 

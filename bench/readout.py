@@ -69,7 +69,7 @@ def main() -> None:
         content = evaluate.encode_all(model, images)["content_mean"]  # (N, Dc)
         train_content = evaluate.encode_all(model, train.tensors())["content_mean"]  # (M, Dc)
         kinds = new_character_kinds(cfg)
-        turned = metrics.view_codes(model, images, kinds)  # (N, kinds * Dc)
+        turned = metrics.view_codes(model, images, kinds, content=content)  # (N, kinds * Dc)
         views = {**readouts(content, train_content.mean(0)), "views": turned,
                  "views_mean": turned.reshape(len(test), kinds, -1).mean(1)}
         for name, codes in views.items():

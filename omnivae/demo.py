@@ -3,7 +3,8 @@
 The page (demo_page.html, served by the package itself, nothing loaded from the network) sends
 a drawing, or picks an evaluation-set drawing, and shows: the model's input and reconstruction,
 the 5 nearest characters of the evaluation set by content code (a gallery of one drawing per
-character, as a one-shot classifier answers), the drawing redrawn in 8 sampled styles and in
+character, as a one-shot classifier answers; the codes read in the turned views the model was
+trained on, `metrics.view_codes`, as `evaluate`'s `content_views_*`), the drawing redrawn in 8 sampled styles and in
 the styles of 4 example drawings, and sliders along the main directions of the style codes.
 
 Everything that does not depend on the input is computed once at start-up (`Demo.build`), so a
@@ -33,7 +34,7 @@ from PIL import Image
 
 from . import data as omni_data
 from . import generate
-from .metrics import against_groups, stroke_measures, unit_rows
+from .metrics import against_groups, encode_images, stroke_measures, unit_rows, view_codes
 from .rundir import load, read_config
 
 MAX_BODY = 2 * 1024 * 1024  # bytes a request may carry: a drawing as a PNG data URI is ~10-50 kB
@@ -247,20 +248,20 @@ def nearest(code: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, 
 class Demo:
     """A trained model with everything the page needs that does not depend on the input."""
 
-    def __init__(self, model, evaluation: omni_data.Omniglot, run_name: str = ""):
-        self.model, self.evaluation, self.run_name = model, evaluation, run_name
+    def __init__(self, model, evaluation: omni_data.Omniglot, run_name: str = "", views: int = 1):
+        """views: how many turned views the neighbours read each drawing in (`metrics.view_codes`;
+        `train.new_character_kinds` of the run's config, 1 for a run trained without turns)."""
+        self.model, self.evaluation, self.run_name, self.views = model, evaluation, run_name, views
         self.lock = threading.Lock()  # one model call at a time: 2 cores gain nothing from more
         images = evaluation.tensors()  # (N, 1, S, S)
-        with torch.no_grad():
-            codes = [model.encode(batch) for batch in images.split(1024)]
-        content = torch.cat([c for c, _ in codes]).cpu().numpy().astype(np.float64)  # (N, Dc)
-        style = torch.cat([s for _, s in codes]).cpu().numpy().astype(np.float64)  # (N, Ds)
+        content, style = (c.astype(np.float64) for c in encode_images(model, images))  # (N, Dc), (N, Ds)
 
         # Gallery: each character's drawing by its lowest-numbered drawer (drawer 1 in Omniglot).
         order = np.lexsort((evaluation.drawer, evaluation.character))
         first = np.r_[True, evaluation.character[order][1:] != evaluation.character[order][:-1]]
         self.gallery_rows = order[first]  # (G,)
-        self.gallery_codes = content[self.gallery_rows]  # (G, Dc)
+        self.gallery_codes = view_codes(model, images[self.gallery_rows], views,
+                                        content=content[self.gallery_rows])  # (G, views * Dc), unit rows
         self.gallery_drawers = sorted(set(evaluation.drawer[self.gallery_rows].tolist()))
 
         self.style_mean, self.style_directions, self.style_sd, self.style_explained = \
@@ -281,12 +282,13 @@ class Demo:
         """Load a run's model and the drawings it is scored on (`evaluate.load_split`): the
         evaluation set, or the held-out classes of a run trained on an image folder (data_dir)."""
         from .evaluate import load_split
+        from .train import new_character_kinds
 
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
             raise DemoError(f"{run_dir} does not exist: give the folder of a trained run")
-        model = load(run_dir)
-        evaluation = load_split(read_config(run_dir), "evaluation", data_dir, cache_dir, progress=progress)
+        model, cfg = load(run_dir), read_config(run_dir)
+        evaluation = load_split(cfg, "evaluation", data_dir, cache_dir, progress=progress)
         if not evaluation.has_drawers():
             # An image folder records no drawers: number each class's drawings 1, 2, ... instead, so
             # that the page can pick any of them (the gallery holds each class's first).
@@ -295,7 +297,7 @@ class Demo:
             number = np.empty(len(order), dtype=np.int64)
             number[order] = np.arange(len(order)) - np.repeat(starts, counts) + 1
             evaluation = dataclasses.replace(evaluation, drawer=number)
-        return cls(model, evaluation, run_dir.name)
+        return cls(model, evaluation, run_dir.name, new_character_kinds(cfg))
 
     def info(self) -> dict:
         """What the page needs to build its chooser, sliders and example captions."""
@@ -355,9 +357,10 @@ class Demo:
             reconstruction = self.model.reconstruct(x)  # (1, 1, S, S)
             sampled = generate.one_shot(self.model, x[0], SAMPLED_STYLES, STYLE_SEED)  # (8, 1, S, S)
             restyled = generate.swap(self.model, x, self.example_images)[0]  # (4, 1, S, S)
+            code = view_codes(self.model, x, self.views, content=content)[0]  # (views * Dc,), as the gallery's
         content = content[0].cpu().numpy().astype(np.float64)
         style = style[0].cpu().numpy().astype(np.float64)
-        rows, similarity = nearest(content, self.gallery_codes, NEIGHBOURS)
+        rows, similarity = nearest(code, self.gallery_codes, NEIGHBOURS)
         coordinates = self.style_directions @ (style - self.style_mean) / self.style_sd  # (K,) in sds
         return {
             "input": png_uri(x[0]),

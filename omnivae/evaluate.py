@@ -236,16 +236,18 @@ def code_metrics(codes: dict, test: omni_data.Omniglot, seed: int, episodes: int
     return results
 
 
-def view_metrics(model, test: omni_data.Omniglot, images: torch.Tensor, kinds: int, seed: int, episodes: int) -> dict:
+def view_metrics(model, test: omni_data.Omniglot, images: torch.Tensor, kinds: int, seed: int, episodes: int,
+                 content=None) -> dict:
     """The content structure measures on the codes read in the drawing's `kinds` turned (and
     mirrored) views (`metrics.view_codes`): k-means and NMI, per-alphabet k-means, 20- and 5-way
     1-shot and 20-way 5-shot, on the same streams of `seed` as `code_metrics`, hence on the same
     episodes as the content means. No keys for kinds = 1 (a run trained without turned characters,
-    whose encoder never learned the turned views)."""
+    whose encoder never learned the turned views). content: the drawings' content means (N, Dc),
+    if already encoded (`encode_all`'s), so the unturned view is not encoded twice."""
     if kinds == 1:
         return {}
     streams = metrics.eval_streams(seed)
-    codes = metrics.view_codes(model, images, kinds)  # (N, kinds * Dc)
+    codes = metrics.view_codes(model, images, kinds, content=content)  # (N, kinds * Dc)
     results = {"view_kinds": kinds}
     results.update(named(metrics.kmeans_scores, metrics.kmeans_scores(codes, test.character, seed=streams["kmeans"]),
                          codes="content_views"))
@@ -407,7 +409,7 @@ def evaluate(
                "test_images": len(test)}
     done("encoded")
     results.update(code_metrics(codes, test, seed, episodes, model))
-    results.update(view_metrics(model, test, images, new_character_kinds(cfg), seed, episodes))
+    results.update(view_metrics(model, test, images, new_character_kinds(cfg), seed, episodes, codes["content_mean"]))
     done("clusters, few-shot, prior match")
     results.update(pixel_baseline(test, seed, cache_dir, episodes))
     done("pixel baseline")

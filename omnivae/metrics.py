@@ -108,7 +108,7 @@ def encode_images(model, images, batch_size: int = ENCODE_BATCH) -> tuple[np.nda
     return _encoder_pass(model, images, model.encode, batch_size)
 
 
-def view_codes(model, images, kinds: int, batch_size: int = ENCODE_BATCH) -> np.ndarray:
+def view_codes(model, images, kinds: int, batch_size: int = ENCODE_BATCH, content=None) -> np.ndarray:
     """Content codes read in the `kinds` turned (and mirrored) views of each drawing: (N, kinds * Dc).
 
     A model trained with `rotations` (and `reflections`) learned each quarter turn (and mirror
@@ -119,13 +119,16 @@ def view_codes(model, images, kinds: int, batch_size: int = ENCODE_BATCH) -> np.
     k-means on these codes clusters by. Test-time augmentation over the transformations the model
     was trained on; kinds = 1 gives the unit content means. Averaging the views' codes instead
     would mix eight different characters' codes.
-    images: (N, 1, S, S) in [0, 1] (or uint8). Returns float32 (N, kinds * Dc).
+    images: (N, 1, S, S) in [0, 1] (or uint8); content: the drawings' own content means (N, Dc)
+    where the caller has them (`encode_images`'), so the first view is not encoded again.
+    Returns float32 (N, kinds * Dc).
     """
     images = _as_images(images)
     views = []
-    for view in augment.turned_views(images, kinds):
-        content = encode_images(model, view, batch_size)[0]  # (N, Dc)
-        views.append(unit_rows(content))
+    for k, view in enumerate(augment.turned_views(images, kinds)):
+        means = (_as_numpy(content).astype(np.float32) if k == 0 and content is not None
+                 else encode_images(model, view, batch_size)[0])
+        views.append(unit_rows(means))  # (N, Dc)
     return np.concatenate(views, 1) / np.float32(math.sqrt(kinds))  # (N, kinds * Dc)
 
 

@@ -34,6 +34,7 @@ from omnivae import demo as omni_demo
 from omnivae import metrics
 from omnivae.config import make_config
 from omnivae.demo import Demo, DemoError
+from omnivae.train import new_character_kinds
 from omnivae.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,6 +192,23 @@ def test_nearest_is_by_cosine():
     np.testing.assert_allclose(similarity, [1.0, 10 / np.sqrt(101), 0.0])
 
 
+def test_bench_scores_the_demos_neighbours():
+    """bench/demo_neighbours.py's rates: the right character first, and among the 5 shown."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "demo_neighbours.py"
+    spec = importlib.util.spec_from_file_location("demo_neighbours", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    angles = np.linspace(0, np.pi / 2, 7)  # 7 gallery characters on a quarter circle
+    gallery = np.stack([np.cos(angles), np.sin(angles)], 1)  # (7, 2) unit rows
+    characters = np.arange(10, 17)
+    codes = gallery[[0, 3, 6]]  # three drawings that sit on gallery codes 0, 3 and 6
+    # Their characters: right (first), second-nearest of 5 (inside), and the farthest (outside).
+    rates = bench.rates(codes, gallery, np.array([10, 12, 10]), characters)
+    assert rates == {"nearest": pytest.approx(1 / 3), "five": pytest.approx(2 / 3)}
+
+
 # ----------------------------------------------------------------------------- a tiny run
 
 
@@ -208,7 +226,7 @@ def tiny(tmp_path_factory):
     run = train(config, root / "run", dataset=background, progress=False)
     evaluation = omni_data.load_set("evaluation", 28, data_dir, cache_dir, progress=False, check_counts=False)
     return SimpleNamespace(run=run, data_dir=data_dir, cache_dir=cache_dir, evaluation=evaluation,
-                           demo=Demo(load(run), evaluation, "tiny"))
+                           demo=Demo(load(run), evaluation, "tiny", views=new_character_kinds(config)))
 
 
 @contextmanager
@@ -236,6 +254,26 @@ def call(url, path, body=None, raw: bytes | None = None, headers=None):
 
 def data_uri(payload: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(payload).decode()
+
+
+def test_neighbours_read_the_turned_views_as_evaluate_does(tiny):
+    """The quick preset trains with quarter turns: the gallery's codes are `metrics.view_codes`
+    in 4 views, and a drawing's neighbours are ranked by the cosine of its own view code."""
+    demo, evaluation = tiny.demo, tiny.evaluation
+    assert demo.views == 4
+    images = evaluation.tensors()
+    expected = metrics.view_codes(demo.model, images[demo.gallery_rows], 4)  # (G, 4 * Dc)
+    np.testing.assert_allclose(demo.gallery_codes, expected, atol=1e-6)
+    row = int(np.flatnonzero((evaluation.character == 972) & (evaluation.drawer == 3))[0])
+    answer = demo.answer(images[row])
+    similarity = expected @ metrics.view_codes(demo.model, images[row:row + 1], 4)[0]  # (G,)
+    order = np.argsort(-similarity, kind="stable")[:5]
+    assert [n["id"] for n in answer["neighbours"]] == evaluation.character[demo.gallery_rows[order]].tolist()
+    np.testing.assert_allclose([n["similarity"] for n in answer["neighbours"]], similarity[order], atol=1e-5)
+    # One view is the content means by cosine, as before turned views.
+    plain = Demo(demo.model, evaluation, "tiny")
+    content = metrics.encode_images(demo.model, images)[0][plain.gallery_rows]
+    np.testing.assert_allclose(plain.gallery_codes, metrics.unit_rows(content), atol=1e-6)
 
 
 def test_api_answers_a_drawing_a_pick_and_a_slider(tiny):

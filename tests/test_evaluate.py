@@ -147,7 +147,7 @@ def test_view_metrics_score_the_turned_views_on_the_content_episodes(monkeypatch
     # are the content means' own, so their accuracies are exactly the same.
     plain = code_metrics(encode_all(model, images), data, 0, 20)
     one_view = metrics.view_codes
-    monkeypatch.setattr(metrics, "view_codes", lambda model, images, kinds: one_view(model, images, 1))
+    monkeypatch.setattr(metrics, "view_codes", lambda model, images, kinds, content: one_view(model, images, 1))
     read = view_metrics(model, data, images, kinds=4, seed=0, episodes=20)
     for key in ("20way_1shot", "5way_1shot", "20way_5shot", "20way_1shot_ci95"):
         assert read[f"content_views_{key}"] == plain[f"content_{key}"], key

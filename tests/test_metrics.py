@@ -1274,4 +1274,11 @@ def test_view_codes_are_the_unit_codes_of_each_view_side_by_side():
         cosines = [F.cosine_similarity(model.encode(v)[0][:1], model.encode(v)[0][1:2]).item()
                    for v in augment.turned_views(images, kinds)]
         assert float(codes[0] @ codes[1]) == pytest.approx(np.mean(cosines), rel=1e-5)
+        # Content means the caller already has stand for the first view, which is not encoded again.
+        own = model.encode(images)[0].detach().numpy()
+        np.testing.assert_array_equal(metrics.view_codes(model, images, kinds, content=own), codes)
+        marked = metrics.view_codes(model, images, kinds, content=np.tile([[3.0, 4.0]], (5, 1)))
+        np.testing.assert_allclose(marked[:, :2], np.tile([[0.6, 0.8]], (5, 1)) / math.sqrt(kinds), rtol=1e-6)
+        assert marked.dtype == np.float32
+        np.testing.assert_array_equal(marked[:, 2:], codes[:, 2:])
     assert model.training  # the mode is put back
