@@ -1,7 +1,7 @@
 """How the content means are read for clustering and few-shot: raw, on the unit sphere, centred first.
 
     python bench/readout.py RUN_DIR [RUN_DIR ...] [--split validation] [--data-dir D] [--cache-dir C]
-                                    [--episodes 1000]
+                                    [--episodes 1000] [--jitters]
 
 The codes' own numbers do not change here, only how they are read. `omnivae evaluate` clusters
 the raw content means with Euclidean k-means and runs the few-shot episodes with cosine
@@ -20,7 +20,13 @@ script scores, on the same streams as `evaluate`:
   the cosine of two such codes is the mean of the eight views' cosines. Training made every
   turned and mirrored character a character of its own, so each view is one the encoder learned
   to name (test-time augmentation);
-- `views_mean`: the mean of those unit means, a code of the content code's own size.
+- `views_mean`: the mean of those unit means, a code of the content code's own size;
+- with `--jitters`, `views+NAME`: test-time augmentation beyond the turns. In each turned view,
+  the unit content means of the view and of the view changed by small fixed amounts of one kind
+  (JITTERS: scale 0.9 and 1.1, rotation by +-7 degrees, shear +-0.15, a shift of half a pixel
+  each way, strokes half a 3x3 dilation thicker or half an erosion thinner; `augment.affine`,
+  `augment.stroke_width`), averaged and scaled to length 1 (the same character, unlike the turns),
+  then side by side as in `views`.
 
 Raw pixels get the same three readouts (centred on the training drawings' mean image) as a
 reference. One line per run and readout, then the mean over runs.
@@ -32,7 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
-from omnivae import data, evaluate, metrics, rundir
+import torch
+
+from omnivae import augment, data, evaluate, metrics, rundir
 from omnivae.train import new_character_kinds
 
 
@@ -43,6 +51,38 @@ def scores(codes: np.ndarray, test: data.Omniglot, seed: int, episodes: int) -> 
     shot = metrics.few_shot_accuracy(codes, test.character, test.alphabet, test.drawer, 20, episodes, streams["episodes"])
     return {"20way": shot["accuracy"], "kmeans": km["accuracy"], "nmi": km["nmi"],
             "alphabet_kmeans": per_alphabet["accuracy"]}
+
+
+# Small changes of a drawing that keep its character, as keyword arguments of `changed`.
+HALF_PIXEL = 1 / 28  # grid units (the side spans 2) of half a pixel at 28 px
+JITTERS = {
+    "scale": [dict(scale=0.9), dict(scale=1.1)],
+    "rotation": [dict(angle=0.12), dict(angle=-0.12)],
+    "shear": [dict(shear=0.15), dict(shear=-0.15)],
+    "shift": [dict(shift=(HALF_PIXEL, 0.0)), dict(shift=(-HALF_PIXEL, 0.0)), dict(shift=(0.0, HALF_PIXEL)),
+              dict(shift=(0.0, -HALF_PIXEL))],
+    "width": [dict(width=0.5), dict(width=-0.5)],
+}
+
+
+def changed(images: torch.Tensor, angle=0.0, scale=1.0, shear=0.0, shift=(0.0, 0.0), width=0.0) -> torch.Tensor:
+    """Every drawing (N, 1, S, S) changed by the same fixed amounts (`augment.affine`, then
+    `augment.stroke_width`), clipped to [0, 1]."""
+    n = len(images)
+    x = augment.affine(images, torch.full((n,), float(angle)), torch.full((n,), float(scale)),
+                       torch.full((n,), float(shear)), torch.tensor(shift, dtype=images.dtype).expand(n, 2))
+    return augment.stroke_width(x, torch.full((n,), float(width))).clamp(0.0, 1.0)
+
+
+def jittered_views(model, images: torch.Tensor, kinds: int, jitters: list[dict]) -> np.ndarray:
+    """`metrics.view_codes` with each turned view's unit code averaged over the view and its
+    `jitters` (then scaled to length 1 again): (N, kinds * Dc)."""
+    views = []
+    for view in augment.turned_views(images, kinds):
+        codes = [metrics.unit_rows(metrics.encode_images(model, x)[0]) for x in
+                 [view] + [changed(view, **j) for j in jitters]]  # each (N, Dc)
+        views.append(metrics.unit_rows(np.mean(codes, 0)))
+    return np.concatenate(views, 1) / np.float32(np.sqrt(kinds))
 
 
 def readouts(codes: np.ndarray, train_mean: np.ndarray) -> dict[str, np.ndarray]:
@@ -56,6 +96,7 @@ def main() -> None:
     p.add_argument("--data-dir")
     p.add_argument("--cache-dir")
     p.add_argument("--episodes", type=int, default=1000)
+    p.add_argument("--jitters", action="store_true", help="also the views averaged over small fixed changes")
     args = p.parse_args()
     table: dict[str, list[dict]] = {}
     pixels_done = False
@@ -72,6 +113,9 @@ def main() -> None:
         turned = metrics.view_codes(model, images, kinds, content=content)  # (N, kinds * Dc)
         views = {**readouts(content, train_content.mean(0)), "views": turned,
                  "views_mean": turned.reshape(len(test), kinds, -1).mean(1)}
+        if args.jitters:
+            views.update({f"views+{name}": jittered_views(model, images, kinds, jitters)
+                          for name, jitters in JITTERS.items()})
         for name, codes in views.items():
             row = scores(codes, test, cfg.eval_seed, args.episodes)
             table.setdefault(name, []).append(row)
