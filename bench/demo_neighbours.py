@@ -19,16 +19,15 @@ import os
 import numpy as np
 
 from omnivae import metrics, rundir
-from omnivae.demo import NEIGHBOURS, Demo
+from omnivae.demo import NEIGHBOURS, Demo, nearest
 from omnivae.evaluate import load_split
 from omnivae.train import new_character_kinds
 
 
 def rates(codes: np.ndarray, gallery: np.ndarray, truth: np.ndarray, gallery_character: np.ndarray) -> dict:
-    """Right character first, and among the NEIGHBOURS nearest, for unit codes (N, D) against a
-    unit gallery (G, D) of characters gallery_character (G,)."""
-    similarity = codes @ gallery.T  # (N, G) cosines
-    top = np.argsort(-similarity, axis=1, kind="stable")[:, :NEIGHBOURS]  # (N, 5)
+    """Right character first, and among the NEIGHBOURS nearest (the demo's `nearest`, by cosine),
+    for codes (N, D) against a gallery (G, D) of characters gallery_character (G,)."""
+    top = np.stack([nearest(code, gallery, NEIGHBOURS)[0] for code in codes])  # (N, 5), as the page ranks
     hit = gallery_character[top] == truth[:, None]  # (N, 5)
     return {"nearest": float(hit[:, 0].mean()), "five": float(hit.any(1).mean())}
 
