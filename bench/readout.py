@@ -37,7 +37,6 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-
 import torch
 
 from omnivae import augment, data, evaluate, metrics, rundir

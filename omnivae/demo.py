@@ -4,8 +4,9 @@ The page (demo_page.html, served by the package itself, nothing loaded from the 
 a drawing, or picks an evaluation-set drawing, and shows: the model's input and reconstruction,
 the 5 nearest characters of the evaluation set by content code (a gallery of one drawing per
 character, as a one-shot classifier answers; the codes read in the turned views the model was
-trained on, `metrics.view_codes`, as `evaluate`'s `content_views_*`), the drawing redrawn in 8 sampled styles and in
-the styles of 4 example drawings, and sliders along the main directions of the style codes.
+trained on, `metrics.view_codes`, as `evaluate`'s `content_views_*`), the drawing redrawn in 8
+sampled styles and in the styles of 4 example drawings, and sliders along the main directions
+of the style codes.
 
 Everything that does not depend on the input is computed once at start-up (`Demo.build`), so a
 request costs one encode and a few decodes. The server is the standard library's
